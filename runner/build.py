@@ -16,6 +16,7 @@ from runner.errors import ConfigError, RunnerError
 from runner.loop import Parts, plan
 from runner.distributed import is_rank_zero
 from runner.metrics import check_metric_name
+from runner.schema import objective_names
 
 ALLOWED_TARGETS = ["runner.*", "torch.*", "torchmetrics.*", "optuna.pruners.*"]
 SCHEDULER_INTERVALS = ("step", "epoch", "validation")
@@ -24,7 +25,10 @@ SCHEDULER_INTERVALS = ("step", "epoch", "validation")
 def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: int = 1) -> Parts:
     allowed = ALLOWED_TARGETS + list(cfg.allowed_targets) + _typed_targets(command_line or [])
     data = _make(cfg.data, "data", allowed)
+    for metric in objective_names(cfg.optimized_metric):
+        check_metric_name("optimized_metric", metric, task=data.task)
     model = _make(cfg.model, "model", allowed)
+    _check_modality(model, "model", cfg.model._target_, data)
     loss = _make(cfg.loss, "loss", allowed)
     if _is_partial(cfg.loss):
         loss = _call(loss, cfg.loss, "loss", class_counts=data.class_counts())
@@ -42,9 +46,37 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
     return Parts(
         data=data, model=model, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scheduler_interval=interval, scheduler_monitor=monitor,
-        augmentation=_make(cfg.augmentation, "augmentation", allowed) if _has_target(cfg.augmentation) else None,
+        augmentation=_augmentation(cfg.augmentation, data, allowed),
         callbacks=callbacks,
     )
+
+
+def _augmentation(node: Any, data, allowed: list[str]) -> Any:
+    """One transform, or named ones applied in order (augmentation=[mixup,noise_shift]
+    selects several files of the group, each under its own name)."""
+    if node is None or (not _has_target(node) and not node):
+        return None
+    from runner.augment import Compose
+
+    named = {"augmentation": node} if _has_target(node) else {f"augmentation.{name}": entry for name, entry in node.items() if entry is not None}
+    transforms = []
+    for key, entry in named.items():
+        transform = _make(entry, key, allowed)
+        _check_modality(transform, key, entry._target_, data)
+        transforms.append(transform)
+    return transforms[0] if len(transforms) == 1 else Compose(transforms)
+
+
+def _check_modality(part: Any, key: str, target: str, data) -> None:
+    """A part that works on some kinds of input only says so in ``modalities``; refuse a
+    wrong pairing here rather than deep inside a forward pass."""
+    accepts = getattr(part, "modalities", None)
+    if accepts and data.modality not in accepts:
+        raise ConfigError(
+            f"{key}: '{target}' works on {' or '.join(accepts)} inputs, but the data gives "
+            f"{data.modality} inputs of shape {list(data.input_shape)}; pick another {key.split('.')[0]} "
+            f"or data with {' or '.join(accepts)} samples"
+        )
 
 
 def _scheduler(cfg: DictConfig, optimizer, data, allowed: list[str], world_size: int) -> tuple[Any, str, str | None]:
@@ -62,7 +94,7 @@ def _scheduler(cfg: DictConfig, optimizer, data, allowed: list[str], world_size:
     if interval == "validation":
         if monitor is None:
             raise ConfigError("scheduler.interval=validation needs scheduler.monitor, e.g. scheduler.monitor=val/loss")
-        check_metric_name("scheduler.monitor", monitor, splits=("val",))
+        check_metric_name("scheduler.monitor", monitor, splits=("val",), task=data.task)
     scheduler = _call(_make(node, "scheduler", allowed), node, "scheduler", optimizer)
     return scheduler, interval, monitor
 

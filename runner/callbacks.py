@@ -3,11 +3,15 @@
     on_fit_start
     for each epoch:
         on_epoch_start
-        for each batch:  forward, backward; after every optimizer step:
-            [validate -> on_validation_end(metrics)]   every trainer.val_check_interval steps
+        for each batch:
+            on_train_batch(x, y) -> (x, y)             may change the training inputs, before
+                                                       augmentation (progressive resizing)
+            forward, backward; after every optimizer step:
+            [validate]                                 every trainer.val_check_interval steps
             on_step_end
-        [validate -> on_validation_end(metrics)]       when validating per epoch
+        [validate]                                     when validating per epoch
         on_epoch_end
+    where validate is on_validation_start, evaluation, on_validation_end(metrics)
     on_fit_end
     on_test_end(metrics)                               after the best weights are tested
     on_run_end(status, error)                          always, last: FINISHED, FAILED or KILLED
@@ -15,6 +19,9 @@
 
 A callback stops training by setting ``loop.state.should_stop``, never by raising, and keeps
 what it needs across a resume in ``state_dict()``; the checkpoint stores it by callback name.
+The loop calls a callback only for the events its class defines, so an unused event costs
+nothing per step. A callback may set ``loop.eval_model`` (weights evaluation uses instead of
+the trained ones, e.g. an exponential moving average).
 """
 
 import logging
@@ -31,7 +38,10 @@ log = logging.getLogger("runner")
 class Callback:
     def on_fit_start(self, loop) -> None: ...
     def on_epoch_start(self, loop) -> None: ...
+    def on_train_batch(self, loop, x, y) -> tuple:
+        return x, y
     def on_step_end(self, loop) -> None: ...
+    def on_validation_start(self, loop) -> None: ...
     def on_validation_end(self, loop, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, loop) -> None: ...
     def on_fit_end(self, loop) -> None: ...
@@ -51,26 +61,63 @@ def _mode(key: str, mode: str) -> str:
     return mode
 
 
+def _as_list(best) -> list[float]:
+    return list(best) if isinstance(best, (list, tuple)) else [best]
+
+
 class _Monitor:
-    """Tracks the best value of a metric under a mode."""
+    """Tracks the best value of one metric under a mode, or of several compared in order:
+    monitor=[[val/loss, min], [val/acc, max]] prefers the lower loss and, on a tie within
+    min_delta, the higher accuracy."""
 
-    def __init__(self, key: str, monitor: str, mode: str, min_delta: float = 0.0):
-        self.monitor = check_metric_name(f"{key}.monitor", monitor, splits=("train", "val"))
-        self.mode = _mode(key, mode)
+    def __init__(self, key: str, monitor, mode: str, min_delta: float = 0.0):
+        self.key = key
+        if isinstance(monitor, str):
+            pairs = [(monitor, mode)]
+        else:
+            pairs = [tuple(pair) for pair in monitor]
+            if not pairs or any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(
+                    f"{key}.monitor={[list(p) for p in pairs]} must be a metric name or a list of "
+                    f"[metric, mode] pairs, e.g. '{key}.monitor=[[val/loss,min],[val/acc,max]]'"
+                )
+        self.pairs = [
+            (check_metric_name(f"{key}.monitor", name, splits=("train", "val")), _mode(key, pair_mode))
+            for name, pair_mode in pairs
+        ]
+        self.names = [name for name, _ in self.pairs]
+        self.monitor = self.names[0]
         self.min_delta = min_delta
-        self.best = math.inf if mode == "min" else -math.inf
+        self.best = [math.inf if pair_mode == "min" else -math.inf for _, pair_mode in self.pairs]
 
-    def improved(self, value: float) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+    def check(self, task: str) -> None:
+        """Once the data is known: every monitored metric must be one this task reports."""
+        for name in self.names:
+            check_metric_name(f"{self.key}.monitor", name, splits=("train", "val"), task=task)
+
+    def values(self, metrics: dict[str, float]) -> list[float] | None:
+        if any(name not in metrics for name in self.names):
+            return None
+        return [metrics[name] for name in self.names]
+
+    def improved(self, values: list[float]) -> bool:
+        for value, best, (_, mode) in zip(values, self.best, self.pairs):
+            gain = (best - value) if mode == "min" else (value - best)
+            if gain > self.min_delta or (math.isinf(best) and math.isfinite(value)):
+                return True
+            if gain < -self.min_delta:
+                return False
+        return False
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {best:.4g}" for name, best in zip(self.names, self.best))
 
 
 class ModelCheckpoint(Callback):
     """best.pt when the monitored metric improves; last.pt every N steps, at each epoch end
     and at the end of fit. Both are whole checkpoints a run can resume from."""
 
-    def __init__(self, monitor: str = "val/acc", mode: str = "max", every_n_steps: int = 0):
+    def __init__(self, monitor: str | list = "val/acc", mode: str = "max", every_n_steps: int = 0):
         self.tracker = _Monitor("callbacks.checkpoint", monitor, mode)
         if every_n_steps < 0:
             raise ConfigError(f"callbacks.checkpoint.every_n_steps={every_n_steps} is negative; use 0 (off) or a step count")
@@ -83,14 +130,17 @@ class ModelCheckpoint(Callback):
             self.last_saved = position
             loop.save_checkpoint("last.pt")
 
+    def on_fit_start(self, loop):
+        self.tracker.check(loop.task)
+
     def on_validation_end(self, loop, metrics):
-        value = metrics.get(self.tracker.monitor)
-        if value is None:
+        values = self.tracker.values(metrics)
+        if values is None:
             return
-        if self.tracker.improved(value):
-            self.tracker.best = value
+        if self.tracker.improved(values):
+            self.tracker.best = values
             loop.save_checkpoint("best.pt")
-        loop.log({f"best/{self.tracker.monitor}": self.tracker.best})
+        loop.log({f"best/{name}": best for name, best in zip(self.tracker.names, self.tracker.best)})
 
     def on_step_end(self, loop):
         if self.every_n_steps and loop.state.step % self.every_n_steps == 0:
@@ -106,7 +156,7 @@ class ModelCheckpoint(Callback):
         return {"best": self.tracker.best, "last_saved": self.last_saved}
 
     def load_state_dict(self, state):
-        self.tracker.best = state["best"]
+        self.tracker.best = _as_list(state["best"])
         self.last_saved = list(state["last_saved"])
 
 
@@ -114,33 +164,33 @@ class EarlyStopping(Callback):
     """Stop when the monitored metric has not improved by more than min_delta for
     `patience` validations in a row."""
 
-    def __init__(self, monitor: str = "val/acc", mode: str = "max", patience: int = 5, min_delta: float = 0.0):
+    def __init__(self, monitor: str | list = "val/acc", mode: str = "max", patience: int = 5, min_delta: float = 0.0):
         self.tracker = _Monitor("callbacks.early_stopping", monitor, mode, min_delta)
         if patience < 1:
             raise ConfigError(f"callbacks.early_stopping.patience={patience} must be at least 1; or remove it with ~callbacks.early_stopping")
         self.patience = patience
         self.wait = 0
 
+    def on_fit_start(self, loop):
+        self.tracker.check(loop.task)
+
     def on_validation_end(self, loop, metrics):
-        value = metrics.get(self.tracker.monitor)
-        if value is None:
+        values = self.tracker.values(metrics)
+        if values is None:
             return
-        if self.tracker.improved(value):
-            self.tracker.best, self.wait = value, 0
+        if self.tracker.improved(values):
+            self.tracker.best, self.wait = values, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
             loop.state.should_stop = True
-            loop.state.stop_reason = (
-                f"early stopping: {self.tracker.monitor} has not improved on {self.tracker.best:.4g} "
-                f"for {self.wait} validations"
-            )
+            loop.state.stop_reason = f"early stopping: no improvement on {self.tracker.describe()} for {self.wait} validations"
 
     def state_dict(self):
         return {"best": self.tracker.best, "wait": self.wait}
 
     def load_state_dict(self, state):
-        self.tracker.best, self.wait = state["best"], state["wait"]
+        self.tracker.best, self.wait = _as_list(state["best"]), state["wait"]
 
 
 class LearningRateMonitor(Callback):

@@ -18,7 +18,8 @@ from runner.callbacks import Callback
 from runner.distributed import Dist, all_reduce_max, all_reduce_sum, gather_objects
 from runner.data import DataModule, ResumableBatchSampler
 from runner.errors import Interrupted, NonFiniteLossError
-from runner.metrics import confusion_matrix, eval_metrics, hard_labels
+from runner.losses import LossFn, bind_context
+from runner.metrics import confusion_matrix, eval_metrics, hard_labels, observed
 from runner.state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger("runner")
@@ -35,6 +36,7 @@ class Parts:
     scheduler: Any = None
     scheduler_interval: str = "step"  # step, epoch or validation
     scheduler_monitor: str | None = None  # the metric a validation-stepped scheduler reads
+    # training batches only, on the device: (x, y) -> (x, y)
     augmentation: Callable | None = None
     callbacks: dict[str, Callback] | None = None
 
@@ -47,9 +49,17 @@ class Loop:
         self.parts, self.trainer, self.device, self.dist = parts, trainer, device, dist
         self.checkpoint_dir, self.config = checkpoint_dir, config
         self.model, self.loss, self.optimizer = parts.model, parts.loss, parts.optimizer
+        # the loss as the loop calls it: (outputs, targets, inputs, model); a loss takes the
+        # inputs or the model only if its forward names them (distillation, physics)
+        self.compute_loss: LossFn = bind_context(parts.loss)
         self.callbacks = parts.callbacks or {}
+        self.task = parts.data.task
+        # weights that evaluation uses instead of the trained ones (a callback may set it,
+        # e.g. an exponential moving average); checkpoints carry them as "eval_model"
+        self.eval_model: nn.Module | None = None
         # facts about the job for callbacks (loggers): output_dir, overrides, group choices, ...
         self.info: dict[str, Any] = {"output_dir": checkpoint_dir.parent}
+        self._dispatch: dict[str, list[Callable]] = {}
         self.stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler (run.py)
         self.redeliver: int | None = None  # a signal to hand on once the run is closed (run.py)
         self._step_loss = torch.zeros((), device=device)
@@ -76,6 +86,7 @@ class Loop:
     def fit(self) -> None:
         # views into state.train_sums (made once: indexing per step costs more than the adds)
         self._sums = self.state.train_sums.unbind(0)
+        self._batch_hooks = self._handlers("on_train_batch")
         self.emit("on_fit_start")
         while not self._done():
             loader = self._loader("train", epoch=self.state.epoch, start_batch=self.state.batch_in_epoch)
@@ -91,11 +102,13 @@ class Loop:
 
     def _train_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = self._to_device(x, y)
+        for hook in self._batch_hooks:  # callbacks that change training inputs (resizing)
+            x, y = hook(self, x, y)
         if self.parts.augmentation is not None:
             x, y = self.parts.augmentation(x, y)
         with self._autocast():
             logits = self.forward(x)
-            loss = self.loss(logits, y)
+            loss = self.compute_loss(logits, y, x, self.model)
         self.state.batch_in_epoch += 1
         if self._finite(loss.detach()):
             accumulate = self.trainer.accumulate_grad_batches
@@ -104,7 +117,8 @@ class Loop:
             with torch.no_grad():  # running sums stay on the device: no sync per step
                 loss_sum, correct, samples = self._sums
                 loss_sum.add_(self._step_loss, alpha=len(y))
-                correct.add_((logits.argmax(dim=1) == hard_labels(y)).sum())
+                if self.task == "classification":
+                    correct.add_((logits.argmax(dim=1) == hard_labels(y)).sum())
                 samples.add_(len(y))
         if self.state.batch_in_epoch % self.trainer.accumulate_grad_batches == 0 or self.state.batch_in_epoch == self.batches_per_epoch:
             self._optimizer_step()
@@ -138,7 +152,7 @@ class Loop:
         sums = all_reduce_sum(self.state.train_sums.clone(), self.dist)
         loss_sum, correct, samples = sums.tolist()  # one host sync per epoch
         if samples:
-            self.log({"train/loss": loss_sum / samples, "train/acc": correct / samples})
+            self.log({"train/loss": loss_sum / samples} | ({"train/acc": correct / samples} if self.task == "classification" else {}))
         self._step_scheduler("epoch")
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
@@ -196,6 +210,7 @@ class Loop:
 
     # -------------------------------------------------------------- evaluation
     def validate(self) -> dict[str, float]:
+        self.emit("on_validation_start")
         metrics = self.evaluate("val", limit=self.trainer.limit_val_batches)
         self.log(metrics)
         self._step_scheduler("validation", metrics)
@@ -204,24 +219,31 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self, split: str, limit: int = -1, with_confusion: bool = False) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
-        collection = eval_metrics(self.parts.data.num_classes).to(self.device)
-        confusion = confusion_matrix(self.parts.data.num_classes).to(self.device)
+        model = self.eval_model if self.eval_model is not None else self.model
+        forward = self.eval_model if self.eval_model is not None else self.forward
+        was_training = model.training
+        model.eval()
+        classification = self.task == "classification"
+        collection = eval_metrics(self.parts.data.num_classes, self.task).to(self.device)
+        with_confusion = with_confusion and classification
+        confusion = confusion_matrix(self.parts.data.num_classes).to(self.device) if with_confusion else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
         for x, y in self._loader(split, limit=limit):
             x, y = self._to_device(x, y)
             with self._autocast():
-                logits = self.forward(x)
-                loss = self.loss(logits, y)
+                logits = forward(x)
+                loss = self.compute_loss(logits, y, x, model)
             loss_sum += loss.double() * len(y)
             samples += len(y)
-            labels = hard_labels(y)
-            collection.update(logits.float(), labels)
-            if with_confusion:
-                confusion.update(logits.float(), labels)
-        self.model.train(was_training)
+            if classification:
+                labels = hard_labels(y)
+                collection.update(logits.float(), labels)
+                if with_confusion:
+                    confusion.update(logits.float(), labels)
+            else:
+                collection.update(*observed(logits, y))
+        model.train(was_training)
         # torchmetrics gathers its states over ranks in compute(); the loss we sum ourselves
         metrics = {f"{split}/{name}": float(value) for name, value in collection.compute().items()}
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=self.device)]), self.dist)
@@ -257,9 +279,17 @@ class Loop:
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def _handlers(self, event: str) -> list[Callable]:
+        """The bound methods of the callbacks that define this event (not the no-op base)."""
+        base = getattr(Callback, event)
+        return [getattr(c, event) for c in self.callbacks.values() if getattr(type(c), event, base) is not base]
+
     def emit(self, event: str, *args: Any) -> None:
-        for callback in self.callbacks.values():
-            getattr(callback, event)(self, *args)
+        handlers = self._dispatch.get(event)
+        if handlers is None:  # made once per event: most callbacks skip most events
+            handlers = self._dispatch[event] = self._handlers(event)
+        for handler in handlers:
+            handler(self, *args)
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record metrics at the current step and hand them to every callback (loggers too)."""
@@ -276,6 +306,7 @@ class Loop:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "state": self.state.state_dict(),
+            "eval_model": self.eval_model.state_dict() if self.eval_model is not None else None,
             "callbacks": {name: callback.state_dict() for name, callback in self.callbacks.items()},
             "rng": rng_state(),
             # every rank's streams, so a resumed DDP run continues each of them
@@ -285,8 +316,14 @@ class Loop:
             "config_hash": checkpoint.config_hash(self.config),
         }
 
-    def load_state_dict(self, payload: dict) -> None:
+    def load_weights(self, payload: dict) -> None:
+        """The trained weights, and the evaluation weights when both sides have them."""
         self.model.load_state_dict(payload["model"])
+        if self.eval_model is not None and payload.get("eval_model") is not None:
+            self.eval_model.load_state_dict(payload["eval_model"])
+
+    def load_state_dict(self, payload: dict) -> None:
+        self.load_weights(payload)
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.parts.scheduler is not None and payload["scheduler"] is not None:
             self.parts.scheduler.load_state_dict(payload["scheduler"])

@@ -1,13 +1,43 @@
-"""Every loss runner ships, in one module. All take logits and targets that are either
-class indices (N,) or per-class probabilities (N, C), so batch mixing (mixup) composes."""
+"""Every loss runner ships, in one module.
 
-from typing import Sequence
+The contract: ``forward(outputs, target)``, plus ``inputs`` and/or ``model`` when the loss
+names them in its signature (distillation runs a teacher on the inputs; a physics loss
+differentiates the model at its inputs). The loop calls every loss through
+``bind_context``, so it passes the same four things to all of them and never asks which
+loss it has. Classification losses take targets that are class indices (N,) or per-class
+probabilities (N, C), so batch mixing (mixup, cutmix) composes with all of them.
+"""
+
+import inspect
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import ConfigError
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+CONTEXT = ("inputs", "model")
+
+
+def bind_context(loss: Callable) -> LossFn:
+    """``loss`` as a function of (outputs, target, inputs, model) that hands it only the
+    context its forward names. Decided once, here, not per step."""
+    forward = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    wanted = [name for name in CONTEXT if name in parameters]
+    if not wanted:
+        return lambda outputs, target, inputs, model: loss(outputs, target)
+    if wanted == ["inputs"]:
+        return lambda outputs, target, inputs, model: loss(outputs, target, inputs=inputs)
+    if wanted == ["model"]:
+        return lambda outputs, target, inputs, model: loss(outputs, target, model=model)
+    return lambda outputs, target, inputs, model: loss(outputs, target, inputs=inputs, model=model)
 
 
 def _soft_targets(target: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:

@@ -85,9 +85,10 @@ def _finish(loop: Loop, optimized_metric: Any) -> RunResult:
     """Test the best weights and write what the job produced."""
     metrics = test(loop)
     output_dir = loop.info["output_dir"]
-    confusion = metrics.pop("confusion_matrix")
+    confusion = metrics.pop("confusion_matrix", [])
     if loop.dist.rank == 0:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if loop.dist.rank == 0 and confusion:
         class_names = loop.parts.data.class_names
         (output_dir / "confusion_matrix.json").write_text(json.dumps({"class_names": class_names, "matrix": confusion}) + "\n")
         confusion_matrix_png(confusion, class_names, output_dir / "confusion_matrix.png")
@@ -246,7 +247,7 @@ def test(loop: Loop) -> dict[str, Any]:
     best = loop.checkpoint_dir / "best.pt"
     distributed.barrier(loop.dist)  # rank 0 has finished writing best.pt
     if best.exists():
-        loop.model.load_state_dict(checkpoint.load(best)["model"])
+        loop.load_weights(checkpoint.load(best))
     metrics = {key: value for key, value in loop.state.metrics.items() if key.startswith("train/")}
     metrics["model/params"] = float(sum(p.numel() for p in loop.model.parameters()))
     metrics.update(loop.evaluate("val"))

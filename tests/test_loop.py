@@ -13,7 +13,13 @@ from runner.loop import Loop
 from runner.run import resolved, run
 from runner.state import seed_everything
 
-EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_validation_end", "on_epoch_end", "on_fit_end", "on_test_end")
+EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_validation_start", "on_validation_end", "on_epoch_end", "on_fit_end", "on_test_end")
+
+
+def _counter(name):
+    def event(self, loop, *args):
+        self.calls.update([name])
+    return event
 
 
 class Recorder(Callback):
@@ -23,11 +29,11 @@ class Recorder(Callback):
         self.calls = Counter()
         self.logged: list[tuple[int, dict]] = []
 
-    def __getattribute__(self, name):
-        if name in EVENTS:
-            calls = object.__getattribute__(self, "calls")
-            return lambda loop, *args: calls.update([name])
-        return object.__getattribute__(self, name)
+    def on_train_batch(self, loop, x, y):
+        self.calls.update(["on_train_batch"])
+        return x, y
+
+    locals().update({name: _counter(name) for name in EVENTS})
 
     def on_log(self, loop, metrics):
         self.logged.append((loop.state.step, dict(metrics)))
@@ -36,10 +42,12 @@ class Recorder(Callback):
         return [metrics[key] for _, metrics in self.logged if key in metrics]
 
 
-def make_loop(cfg, tmp_path, **callbacks):
+def make_loop(cfg, tmp_path, loss=None, **callbacks):
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     parts = build(cfg)
     parts.callbacks.update(callbacks)
+    if loss is not None:
+        parts.loss = loss
     return Loop(parts, cfg.trainer, torch.device("cpu"), tmp_path / "checkpoints", resolved(cfg))
 
 
@@ -60,8 +68,8 @@ def test_hooks_are_called_exactly(cfg, tmp_path, overrides, steps, validations):
 
     test(loop)
     assert recorder.calls == Counter(
-        on_fit_start=1, on_epoch_start=2, on_step_end=steps, on_validation_end=validations,
-        on_epoch_end=2, on_fit_end=1, on_test_end=1,
+        on_fit_start=1, on_epoch_start=2, on_train_batch=10, on_step_end=steps, on_validation_start=validations,
+        on_validation_end=validations, on_epoch_end=2, on_fit_end=1, on_test_end=1,
     )
     assert loop.state.step == steps and loop.state.epoch == 2
 
@@ -115,15 +123,13 @@ class NaNAtBatch(torch.nn.Module):
 
 
 def test_nonfinite_loss_stops_with_the_step_named(cfg, tmp_path):
-    loop = make_loop(cfg("callbacks=none"), tmp_path)
-    loop.loss = NaNAtBatch(4)
+    loop = make_loop(cfg("callbacks=none"), tmp_path, loss=NaNAtBatch(4))
     with pytest.raises(NonFiniteLossError, match=r"train/loss became nan at step 4 \(epoch 1, batch 4\); lower optimizer.lr"):
         loop.fit()
 
 
 def test_nonfinite_loss_can_skip_the_batch(cfg, tmp_path):
-    loop = make_loop(cfg("callbacks=none", "trainer.nonfinite_loss=skip"), tmp_path)
-    loop.loss = NaNAtBatch(4)
+    loop = make_loop(cfg("callbacks=none", "trainer.nonfinite_loss=skip"), tmp_path, loss=NaNAtBatch(4))
     loop.fit()
     assert loop.state.skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in loop.model.parameters())
@@ -136,4 +142,4 @@ def test_early_stopping_sets_the_stop_flag(cfg, tmp_path):
     assert result.metrics["train/loss"] > 0
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert state["epoch"] == 2 and state["should_stop"]
-    assert "early stopping: val/acc has not improved" in state["stop_reason"]
+    assert "early stopping: no improvement on val/acc" in state["stop_reason"]

@@ -24,7 +24,7 @@ def digits(
     train, val, test = split(x, y, val_fraction, test_fraction, split_seed)
     return DataModule(
         train, val, test, 10, tuple(x.shape[1:]), batch_size, num_workers,
-        class_names=[str(d) for d in range(10)],
+        class_names=[str(d) for d in range(10)], modality="image",
     )
 
 

@@ -21,9 +21,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, limit: int = -1,
-                 rank: int = 0, world_size: int = 1, pad: bool = True):
+                 rank: int = 0, world_size: int = 1, pad: bool = True, weights: torch.Tensor | None = None):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.limit, self.rank, self.world_size, self.pad = limit, rank, world_size, pad
+        # per-sample weights: the epoch's order is drawn with replacement in proportion to
+        # them (hard-example mining sets these); None is a plain permutation
+        self.weights = weights
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -44,7 +47,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
+            if self.weights is not None:
+                order = torch.multinomial(self.weights.double(), self.size, replacement=True, generator=generator).tolist()
+            else:
+                order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         if self.world_size > 1:
@@ -56,8 +62,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
             yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
 
 
+MODALITIES = ("image", "signal", "spectrogram", "coordinates", "tabular")
+TASKS = ("classification", "regression")
+
+
 @dataclass
 class DataModule:
+    """The splits and the facts other parts check at build time.
+
+    ``modality`` says what a sample is (image [C, H, W], signal [C, L], spectrogram
+    [C, F, T], coordinates [D], tabular [D]); augmentations and models that only make sense
+    for some modalities declare ``modalities`` and build.py refuses a wrong pairing.
+    ``task`` picks the metrics: classification (integer labels) or regression (float
+    targets shaped like the model's output; NaN marks a target that is not observed).
+    For regression ``num_classes`` is the number of outputs.
+    """
+
     train: Dataset
     val: Dataset
     test: Dataset
@@ -66,9 +86,17 @@ class DataModule:
     batch_size: int = 64
     num_workers: int = 0
     class_names: list[str] = field(default_factory=list)
+    modality: str = "image"
+    task: str = "classification"
+    # training-sample weights for the sampler (hard-example mining); None: uniform order
+    sample_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if not self.class_names:
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"data.modality='{self.modality}' is not known; use one of {', '.join(MODALITIES)}")
+        if self.task not in TASKS:
+            raise ConfigError(f"data.task='{self.task}' is not known; use one of {', '.join(TASKS)}")
+        if not self.class_names and self.task == "classification":
             self.class_names = [str(i) for i in range(self.num_classes)]
 
     def class_counts(self) -> torch.Tensor:
@@ -82,7 +110,8 @@ class DataModule:
         rank to step together); evaluation batches are neither."""
         dataset = getattr(self, split)
         train = split == "train"
-        sampler = ResumableBatchSampler(len(dataset), self.batch_size, train, seed, limit, rank, world_size, pad=train)
+        weights = self.sample_weights if train else None
+        sampler = ResumableBatchSampler(len(dataset), self.batch_size, train, seed, limit, rank, world_size, pad=train, weights=weights)
         return DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -93,6 +122,11 @@ class DataModule:
             # or a resumed run's random stream would drift from an unbroken run's
             generator=torch.Generator().manual_seed(seed),
         )
+
+
+def modality_of(input_shape: Sequence[int]) -> str:
+    """The usual reading of a sample shape: [C, H, W] image, [C, L] signal, [D] tabular."""
+    return {3: "image", 2: "signal"}.get(len(input_shape), "tabular")
 
 
 def split(

@@ -2,7 +2,7 @@
 
 import torch
 
-from runner.data.module import DataModule, split
+from runner.data.module import DataModule, modality_of, split
 
 
 def synthetic(
@@ -16,6 +16,7 @@ def synthetic(
     split_seed: int = 0,
     batch_size: int = 32,
     num_workers: int = 0,
+    modality: str | None = None,
 ) -> DataModule:
     generator = torch.Generator().manual_seed(data_seed)
     shape = tuple(int(d) for d in input_shape)
@@ -26,4 +27,4 @@ def synthetic(
         scores = scores + noise * torch.randn(scores.shape, generator=generator)
     y = scores.argmax(dim=1)
     train, val, test = split(x, y, val_fraction, test_fraction, split_seed)
-    return DataModule(train, val, test, num_classes, shape, batch_size, num_workers)
+    return DataModule(train, val, test, num_classes, shape, batch_size, num_workers, modality=modality or modality_of(shape))

@@ -20,21 +20,23 @@ def tensors(
     num_workers: int = 0,
     num_classes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    modality: str | None = None,
 ):
     import torch
 
-    from runner.data.module import DataModule, split
+    from runner.data.module import DataModule, modality_of, split
 
     x, y = _load(str(path))
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y, dtype=torch.long)
     info = file_info(str(path))
     train, val, test = split(x, y, val_fraction, test_fraction, split_seed)
+    shape = tuple(input_shape or info["input_shape"])
     return DataModule(
         train, val, test,
         int(num_classes or info["num_classes"]),
-        tuple(input_shape or info["input_shape"]),
-        batch_size, num_workers,
+        shape, batch_size, num_workers,
+        modality=modality or modality_of(shape),
     )
 
 

@@ -17,6 +17,11 @@ GROUP_FILES = sorted(
     (path.parent.relative_to(CONF).as_posix(), path.stem) for path in CONF.rglob("*.yaml") if path.parent != CONF
 )
 
+# files that only make sense beside other choices (a spectrogram augmentation needs
+# spectrogram data): the overrides each is composed with here, one line per file
+COMPANIONS: dict[tuple[str, str], list[str]] = {
+}
+
 
 def test_every_group_file_is_found():
     groups = {}
@@ -46,6 +51,9 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
         overrides = ["trainer.device=cpu", "hparams_search=optuna_tpe", *overrides]
     else:
         overrides = [o for o in TINY if not o.startswith(f"{group}=")] + overrides
+    companions = COMPANIONS.get((group, name), [])
+    companion_keys = {o.split("=")[0] for o in companions}
+    overrides = [o for o in overrides if o.split("=")[0] not in companion_keys] + companions
     cfg = compose_config(overrides, return_hydra_config=group in ("hparams_search", "pruner", "hydra/launcher"))
     if group == "hydra/launcher":
         launcher = cfg.hydra.launcher

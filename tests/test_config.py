@@ -10,6 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from runner.build import build, build_pruner, build_sampler
 from runner.loop import Parts
+from runner.losses import bind_context
 from tests.conftest import TINY, compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -79,7 +80,7 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
     x, y = parts.data.train[0:4]
     logits = parts.model.eval()(x)
     assert logits.shape == (4, parts.data.num_classes)
-    assert torch.isfinite(parts.loss(logits, y))
+    assert torch.isfinite(bind_context(parts.loss)(logits, y, x, parts.model))
     if group == "scheduler":
         assert (parts.scheduler is None) == (name == "none")
     if group == "augmentation" and name != "none":

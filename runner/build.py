@@ -30,25 +30,40 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
     model = _make(cfg.model, "model", allowed)
     _check_modality(model, "model", cfg.model._target_, data)
     loss = _make(cfg.loss, "loss", allowed)
+    _check_modality(loss, "loss", cfg.loss._target_, data)
     if _is_partial(cfg.loss):
         loss = _call(loss, cfg.loss, "loss", class_counts=data.class_counts())
     optimizer = _call(_make(cfg.optimizer, "optimizer", allowed), cfg.optimizer, "optimizer", params=model.parameters())
     scheduler, interval, monitor = _scheduler(cfg, optimizer, data, allowed, world_size)
     callbacks = {}
-    if _has_target(cfg.logger) and is_rank_zero():  # the one place: only rank 0 logs
-        # first, so the run is open before any other callback reports into it
-        callbacks["logger"] = _make(cfg.logger, "logger", allowed)
-    callbacks.update(
-        (name, _make(node, f"callbacks.{name}", allowed))
-        for name, node in (cfg.callbacks or {}).items()
-        if node is not None
-    )
+    if is_rank_zero():  # the one place: only rank 0 logs
+        # first, so the runs are open before any other callback reports into them
+        callbacks.update(_loggers(cfg.logger, allowed))
+    for name, node in (cfg.callbacks or {}).items():
+        if node is not None:
+            callbacks[name] = _make(node, f"callbacks.{name}", allowed)
+            _check_modality(callbacks[name], f"callbacks.{name}", node._target_, data)
     return Parts(
         data=data, model=model, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scheduler_interval=interval, scheduler_monitor=monitor,
         augmentation=_augmentation(cfg.augmentation, data, allowed),
         callbacks=callbacks,
     )
+
+
+def _loggers(node: Any, allowed: list[str]) -> dict[str, Any]:
+    """One logger (the file has a _target_) or several named ones (logger=mlflow_tensorboard).
+    The first is the callback "logger" (what checkpoints and helpers look up), the others
+    "logger.<name>"."""
+    if not node:
+        return {}
+    if _has_target(node):
+        return {"logger": _make(node, "logger", allowed)}
+    loggers = {}
+    for name, entry in node.items():
+        if entry is not None:
+            loggers["logger" if not loggers else f"logger.{name}"] = _make(entry, f"logger.{name}", allowed)
+    return loggers
 
 
 def _augmentation(node: Any, data, allowed: list[str]) -> Any:
@@ -70,8 +85,14 @@ def _augmentation(node: Any, data, allowed: list[str]) -> Any:
 def _check_modality(part: Any, key: str, target: str, data) -> None:
     """A part that works on some kinds of input only says so in ``modalities``; refuse a
     wrong pairing here rather than deep inside a forward pass."""
+    tasks = getattr(part, "tasks", None)
+    if tasks is not None and data.task not in tasks:
+        raise ConfigError(
+            f"{key}: '{target}' is for {' or '.join(tasks)} data, but the data is {data.task}; "
+            f"remove it or pick {' or '.join(tasks)} data"
+        )
     accepts = getattr(part, "modalities", None)
-    if accepts and data.modality not in accepts:
+    if accepts is not None and data.modality not in accepts:
         raise ConfigError(
             f"{key}: '{target}' works on {' or '.join(accepts)} inputs, but the data gives "
             f"{data.modality} inputs of shape {list(data.input_shape)}; pick another {key.split('.')[0]} "

@@ -2,7 +2,7 @@
 
     on_fit_start
     for each epoch:
-        on_epoch_start
+        on_epoch_start                                 before the epoch's loader is made
         for each batch:
             on_train_batch(x, y) -> (x, y)             may change the training inputs, before
                                                        augmentation (progressive resizing)
@@ -117,6 +117,9 @@ class ModelCheckpoint(Callback):
     """best.pt when the monitored metric improves; last.pt every N steps, at each epoch end
     and at the end of fit. Both are whole checkpoints a run can resume from."""
 
+    # after every other callback's handler of an event: last.pt holds their updated state
+    runs_last = True
+
     def __init__(self, monitor: str | list = "val/acc", mode: str = "max", every_n_steps: int = 0):
         self.tracker = _Monitor("callbacks.checkpoint", monitor, mode)
         if every_n_steps < 0:
@@ -194,12 +197,31 @@ class EarlyStopping(Callback):
 
 
 class LearningRateMonitor(Callback):
-    """Records the learning rate of every parameter group after each optimizer step."""
+    """Records the learning rate of every parameter group, and whatever the scheduler reports
+    in an optional ``metrics()`` method, on the steps the loop logs (every
+    trainer.log_every_n_steps optimizer steps) and at every epoch end."""
+
+    scheduler_metrics = None
+    recorded_at = -1
+
+    def on_fit_start(self, loop):
+        self.scheduler_metrics = getattr(loop.parts.scheduler, "metrics", None)
 
     def on_step_end(self, loop):
+        if loop.log_every_n_steps and loop.state.step % loop.log_every_n_steps == 0:
+            self.record(loop)
+
+    def on_epoch_end(self, loop):
+        if self.recorded_at != loop.state.step:
+            self.record(loop)
+
+    def record(self, loop):
+        self.recorded_at = loop.state.step
         groups = loop.optimizer.param_groups
         rates = {"lr": groups[0]["lr"]}
         rates.update({f"lr/group{i}": group["lr"] for i, group in enumerate(groups) if i > 0})
+        if self.scheduler_metrics is not None:  # e.g. the phase of scheduler=phases
+            rates.update(self.scheduler_metrics())
         loop.log(rates)
 
 
@@ -233,7 +255,7 @@ class Progress(Callback):
         self.latest.update(metrics)
 
     def _summary(self) -> str:
-        keys = ("train/loss", "val/loss", "val/acc", "lr")
+        keys = ("train/loss", "val/loss", "val/acc", "val/rel_l2", "lr")
         return "  ".join(f"{key} {self.latest[key]:.4g}" for key in keys if key in self.latest)
 
     def on_step_end(self, loop):
@@ -267,3 +289,421 @@ class Progress(Callback):
         for key in sorted(metrics):
             table.add_row(key, f"{metrics[key]:.4f}")
         Console().print(table)
+
+
+class EMA(Callback):
+    """An exponential moving average of the weights, updated after every optimizer step:
+    ema <- decay * ema + (1 - decay) * weights (buffers such as BatchNorm statistics are
+    copied). Evaluation, best.pt and the final test use the averaged weights (through
+    ``loop.eval_model``); the trained weights go on training. With ``warmup`` the decay
+    ramps up as (1 + n) / (10 + n) over the first updates, so early averages are not
+    dominated by the random initial weights."""
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True, every_n_steps: int = 1):
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"callbacks.ema.decay={decay} is out of range; use a value in (0, 1), e.g. 0.999")
+        if every_n_steps < 1:
+            raise ConfigError(f"callbacks.ema.every_n_steps={every_n_steps} must be at least 1")
+        self.decay, self.warmup, self.every_n_steps = decay, warmup, every_n_steps
+        self.updates = 0
+        self.average = None
+        self._pending: dict | None = None
+
+    def on_fit_start(self, loop):
+        import copy
+
+        if self.average is None:
+            self.average = copy.deepcopy(loop.model).eval().requires_grad_(False)
+            if self._pending is not None:
+                self.average.load_state_dict(self._pending)
+                self._pending = None
+        loop.eval_model = self.average
+        self._pairs = (list(self.average.parameters()), list(loop.model.parameters()))
+        self._buffers = (list(self.average.buffers()), list(loop.model.buffers()))
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    def on_step_end(self, loop):
+        if loop.state.step % self.every_n_steps:
+            return
+        import torch
+
+        with torch.no_grad():
+            averaged, trained = self._pairs
+            torch._foreach_lerp_(averaged, trained, 1.0 - self.current_decay())
+            for mine, theirs in zip(*self._buffers):
+                mine.copy_(theirs)
+        self.updates += 1
+
+    def state_dict(self):
+        weights = self.average.state_dict() if self.average is not None else self._pending
+        return {"updates": self.updates, "weights": weights}
+
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+        if self.average is not None and state["weights"] is not None:
+            self.average.load_state_dict(state["weights"])
+        else:
+            self._pending = state["weights"]
+
+
+class ProgressiveResizing(Callback):
+    """Train at a lower input resolution first and grow it by epoch (Howard's progressive
+    resizing; FixRes-style evaluation at full size). ``schedule`` is a list of
+    [first_epoch, scale] pairs, e.g. [[0, 0.5], [3, 0.75], [6, 1.0]]: training images (or
+    spectrograms) are interpolated on the device to scale x their height and width.
+    Evaluation always sees the full resolution, so the model must accept any size (cnn and
+    resnet pool globally)."""
+
+    modalities = ("image", "spectrogram")
+
+    def __init__(self, schedule, mode: str = "bilinear"):
+        pairs = [(int(epoch), float(scale)) for epoch, scale in schedule]
+        if not pairs or any(not 0.0 < scale <= 4.0 for _, scale in pairs) or pairs != sorted(pairs):
+            raise ConfigError(
+                f"callbacks.progressive_resizing.schedule={[list(p) for p in pairs]} must be [epoch, scale] pairs "
+                "sorted by epoch with scales in (0, 4], e.g. [[0,0.5],[3,1.0]]"
+            )
+        if mode not in ("bilinear", "bicubic", "nearest", "area"):
+            raise ConfigError(f"callbacks.progressive_resizing.mode='{mode}' is not supported; use bilinear, bicubic, nearest or area")
+        self.schedule, self.mode = pairs, mode
+        self.scale, self.announced = 1.0, False
+
+    def scale_at(self, epoch: int) -> float:
+        scale = 1.0 if epoch < self.schedule[0][0] else self.schedule[0][1]
+        for first, value in self.schedule:
+            if epoch >= first:
+                scale = value
+        return scale
+
+    def on_epoch_start(self, loop):
+        scale = self.scale_at(loop.state.epoch)
+        if scale != self.scale or not self.announced:
+            self.announced = True
+            log.info("progressive resizing: epoch %d trains at %.0f%% resolution", loop.state.epoch + 1, 100 * scale)
+        self.scale = scale
+        loop.log({"resize/scale": scale})
+
+    def on_train_batch(self, loop, x, y):
+        if self.scale == 1.0:
+            return x, y
+        import torch.nn.functional as F
+
+        size = [max(1, round(side * self.scale)) for side in x.shape[-2:]]
+        smooth = self.mode in ("bilinear", "bicubic")
+        return F.interpolate(x, size=size, mode=self.mode, **({"align_corners": False, "antialias": self.scale < 1} if smooth else {})), y
+
+    def state_dict(self):
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state):
+        self.scale = state["scale"]
+
+
+class HardExampleMining(Callback):
+    """Every ``every_n_epochs`` epochs, score the whole training split with the current
+    model (eval mode, no augmentation) and sample the next epochs toward the hard examples.
+
+    A sample is hard when the model gets it wrong or gives its class a probability below
+    ``threshold``. Its sampling weight is the weight of its kind: ``positive_weight`` /
+    ``negative_weight`` for easy samples of positive / negative classes (negative classes
+    are listed in ``negative_classes``, e.g. the background class of a detector), and
+    ``hard_positive_weight`` / ``hard_negative_weight`` for hard ones. The epoch's order is
+    drawn with replacement in proportion to the weights (seeded, so resume is exact).
+    Logs mining/hard, mining/hard_negatives and mining/hard_fraction."""
+
+    tasks = ("classification",)
+
+    def __init__(self, every_n_epochs: int = 1, threshold: float = 0.5, negative_classes=(),
+                 positive_weight: float = 1.0, negative_weight: float = 1.0,
+                 hard_positive_weight: float = 3.0, hard_negative_weight: float = 3.0, batch_size: int = 512):
+        if every_n_epochs < 1:
+            raise ConfigError(f"callbacks.hard_example_mining.every_n_epochs={every_n_epochs} must be at least 1")
+        weights = (positive_weight, negative_weight, hard_positive_weight, hard_negative_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError(f"callbacks.hard_example_mining weights {list(weights)} must be non-negative and not all 0")
+        self.every_n_epochs, self.threshold, self.batch_size = every_n_epochs, threshold, batch_size
+        self.negative_classes = [int(c) for c in negative_classes]
+        self.kind_weights = weights
+        self.weights = None
+
+    def on_fit_start(self, loop):
+        if loop.task not in self.tasks:
+            raise ConfigError(f"callbacks.hard_example_mining needs classification data, but the data is {loop.task}; remove it with ~callbacks.hard_example_mining")
+        loop.parts.data.sample_weights = self.weights
+
+    def on_epoch_start(self, loop):
+        # at the start of the epoch whose order the weights decide (a resumed run passes the
+        # same point with the same model); not on re-entering an epoch resumed mid-way
+        epoch = loop.state.epoch
+        if epoch > 0 and epoch % self.every_n_epochs == 0 and loop.state.batch_in_epoch == 0:
+            self.weights, found = self.score(loop)
+            loop.parts.data.sample_weights = self.weights
+            loop.log(found)
+
+    def score(self, loop):
+        import torch
+        from torch.utils.data import DataLoader
+
+        model = loop.model
+        was_training = model.training
+        model.eval()
+        correct_probability, wrong, labels = [], [], []
+        with torch.no_grad():
+            for x, y in DataLoader(loop.parts.data.train, batch_size=self.batch_size):
+                x, y = loop._to_device(x, y)
+                with loop._autocast():
+                    logits = model(x)
+                probabilities = logits.float().softmax(dim=1)
+                correct_probability.append(probabilities.gather(1, y.view(-1, 1)).squeeze(1))
+                wrong.append(probabilities.argmax(dim=1) != y)
+                labels.append(y)
+        model.train(was_training)
+        p_true, wrong, labels = torch.cat(correct_probability), torch.cat(wrong), torch.cat(labels)
+        hard = wrong | (p_true < self.threshold)
+        negative = torch.isin(labels, torch.tensor(self.negative_classes, device=labels.device, dtype=labels.dtype))
+        easy_pos, easy_neg, hard_pos, hard_neg = self.kind_weights
+        weights = torch.where(negative, torch.where(hard, hard_neg, easy_neg), torch.where(hard, hard_pos, easy_pos))
+        count, count_negative = int(hard.sum()), int((hard & negative).sum())
+        log.info("hard-example mining: %d of %d training samples are hard (%d negatives)", count, len(hard), count_negative)
+        return weights.double().cpu(), {
+            "mining/hard": float(count), "mining/hard_negatives": float(count_negative), "mining/hard_fraction": count / max(len(hard), 1),
+        }
+
+    def state_dict(self):
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state):
+        self.weights = state["weights"]
+
+
+class Profiler(Callback):
+    """Where the training time goes, measured from outside the loop (no timer in the loop):
+    model forward pre/post hooks, optimizer step pre/post hooks, this callback's own events,
+    and the other callbacks' handlers wrapped for the length of fit. The sections split the
+    wall time from on_fit_start to on_fit_end:
+
+        data        the next batch: loading and the copy to the device (step end -> on_train_batch)
+        augment     augmentation (on_train_batch -> the model's training forward)
+        forward     the model's training forward
+        backward    the loss and backward (forward end -> optimizer step; with gradient
+                    accumulation, -> the micro-batch's last parameter gradient)
+        optimizer   optimizer.step
+        validation  validation passes (without the callbacks they call)
+        callbacks   every other callback's handlers, also listed one by one
+        other       the rest of the loop: zeroing gradients, the scheduler, logging, ...
+
+    At fit end it prints a table (rank 0) and logs ``profile/<section>_ms`` (milliseconds per
+    optimizer step). On CUDA, kernels run asynchronously; with ``synchronize`` every section
+    edge waits for the GPU (about eight torch.cuda.synchronize per step), so each section holds
+    its own GPU time, at the price of the host no longer queueing work ahead of the GPU (a
+    few percent on large models, more on small ones that were launch bound). synchronize=false
+    measures host time only and adds no waits. ``trace_steps`` > 0 records a torch.profiler
+    trace of that many steps after ``wait`` steps into <output_dir>/profiler/ (Chrome trace
+    JSON, for chrome://tracing or ui.perfetto.dev) and hands it to the loggers as an artifact;
+    traced steps run slower and the section times include that.
+    """
+
+    SECTIONS = ("data", "augment", "forward", "backward", "optimizer", "validation", "callbacks", "other")
+    # events other callbacks handle during fit; their handlers are wrapped to be timed
+    TIMED_EVENTS = ("on_epoch_start", "on_step_end", "on_validation_start", "on_validation_end", "on_epoch_end", "on_log")
+
+    def __init__(self, trace_steps: int = 0, wait: int = 5, synchronize: bool = True):
+        for key, value in (("trace_steps", trace_steps), ("wait", wait)):
+            if value < 0:
+                raise ConfigError(f"callbacks.profiler.{key}={value} is negative; use 0 or a number of steps")
+        self.trace_steps, self.wait, self.synchronize = trace_steps, wait, synchronize
+        self.totals: dict[str, float] = {}  # seconds per section; "callbacks/<name>" per callback
+        self.counts: dict[str, int] = {}  # entries into forward, backward, optimizer
+        self.steps, self.wall = 0, 0.0
+        self.trace_path = None
+        self._hooks: list = []
+        self._trace = None
+        self._batch_hooks = None
+        self.current, self.mark = "other", 0.0
+        self._cuda = None
+
+    # ------------------------------------------------------------------ the clock
+    def _now(self) -> float:
+        if self._cuda is not None:
+            import torch
+
+            torch.cuda.synchronize(self._cuda)
+        return time.perf_counter()
+
+    def _switch(self, section: str, now: float | None = None) -> str:
+        """Close the running section (at now) and open ``section``; returns the closed one."""
+        now = self._now() if now is None else now
+        self.totals[self.current] = self.totals.get(self.current, 0.0) + now - self.mark
+        previous, self.current, self.mark = self.current, section, now
+        return previous
+
+    # ---------------------------------------------------------------------- hooks
+    def _forward_start(self, module, args):
+        if module.training and self.current == "augment":  # not validation, not a loss's own call
+            self.counts["forward"] += 1
+            self._switch("forward")
+
+    def _forward_end(self, module, args, output):
+        if self.current == "forward":
+            self.counts["backward"] += 1
+            self._switch("backward")
+
+    def _gradient_done(self, parameter):
+        self._gradient_time = time.perf_counter()
+
+    def _optimizer_start(self, optimizer, args, kwargs):
+        self.counts["optimizer"] += 1
+        self._switch("optimizer")
+
+    def _optimizer_end(self, optimizer, args, kwargs):
+        if self.current == "optimizer":
+            self._switch("other")
+
+    def _timed(self, handler, section: str):
+        def timed(*args):
+            previous = self._switch(section)
+            try:
+                return handler(*args)
+            finally:
+                self._switch(previous)
+
+        return timed
+
+    # --------------------------------------------------------------------- events
+    def on_fit_start(self, loop):
+        self._cuda = loop.device if loop.device.type == "cuda" and self.synchronize else None
+        self.totals = dict.fromkeys(self.SECTIONS, 0.0)
+        self.counts = dict.fromkeys(("forward", "backward", "optimizer"), 0)
+        self.first_step, self._gradient_time = loop.state.step, None
+        self._hooks = [
+            loop.model.register_forward_pre_hook(self._forward_start),
+            loop.model.register_forward_hook(self._forward_end),
+            loop.optimizer.register_step_pre_hook(self._optimizer_start),
+            loop.optimizer.register_step_post_hook(self._optimizer_end),
+        ]
+        if loop.trainer.accumulate_grad_batches > 1:  # only then can a batch follow a backward
+            self._hooks += [p.register_post_accumulate_grad_hook(self._gradient_done) for p in loop.model.parameters() if p.requires_grad]
+        self._wrap_callbacks(loop)
+        self._start_trace(loop)
+        self.current, self.mark = "data", self._now()
+        self.started = self.mark
+
+    def _wrap_callbacks(self, loop) -> None:
+        """Time the other callbacks by wrapping their handlers in the loop's dispatch lists
+        (and the on_train_batch list fit() made before on_fit_start); undone at fit end."""
+        names = {id(callback): name for name, callback in loop.callbacks.items()}
+
+        def wrap(handlers):
+            return [h if h.__self__ is self else self._timed(h, f"callbacks/{names.get(id(h.__self__), type(h.__self__).__name__)}") for h in handlers]
+
+        for event in self.TIMED_EVENTS:
+            loop._dispatch[event] = wrap(loop._handlers(event))
+        self._batch_hooks = loop._batch_hooks
+        loop._batch_hooks = wrap(self._batch_hooks)
+
+    def on_train_batch(self, loop, x, y):
+        if self.current == "backward" and self._gradient_time is not None:
+            # accumulating: the last micro-batch's backward ended with its last gradient
+            self._switch("data", self._gradient_time)
+        self._gradient_time = None
+        self._switch("augment")
+        return x, y
+
+    def on_step_end(self, loop):
+        if self._trace is not None:
+            self._trace.step()
+        self._switch("data")
+
+    def on_validation_start(self, loop):
+        self._before_validation = self._switch("validation")
+
+    def on_validation_end(self, loop, metrics):
+        self._switch(self._before_validation)
+
+    def on_fit_end(self, loop):
+        self._switch("other")
+        self.wall = self.mark - self.started
+        self.steps = loop.state.step - self.first_step
+        self._close(loop)
+        loop.log(self.metrics())
+        if loop.dist.rank == 0:
+            from rich.console import Console
+
+            Console().print(self.table())
+
+    def on_run_end(self, loop, status, error):
+        self._close(loop)  # fit failed before its end: no hooks or tracing left behind
+
+    def _close(self, loop) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._batch_hooks is not None:
+            for event in self.TIMED_EVENTS:  # emit() lists the plain handlers again
+                loop._dispatch.pop(event, None)
+            loop._batch_hooks, self._batch_hooks = self._batch_hooks, None
+        if self._trace is not None:
+            self._trace.stop()  # writes a trace still recording
+            self._trace = None
+
+    # -------------------------------------------------------------------- tracing
+    def _start_trace(self, loop) -> None:
+        if not self.trace_steps:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        folder = loop.info["output_dir"] / "profiler"
+        first = loop.state.step + self.wait + 1
+
+        def write(profiler):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"trace_rank{loop.dist.rank}_steps{first}-{loop.state.step}.json"
+            profiler.export_chrome_trace(str(path))
+            self.trace_path = path
+            # loggers upload what callbacks list here (MLflowLogger: into this folder)
+            loop.info.setdefault("artifacts", []).append((path, "profiler"))
+            log.info("profiler trace of steps %d-%d: %s", first, loop.state.step, path)
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loop.device.type == "cuda" else [])
+        # one warm-up step (when wait allows) keeps the profiler's start-up out of the trace
+        steps = schedule(wait=max(self.wait - 1, 0), warmup=min(self.wait, 1), active=self.trace_steps, repeat=1)
+        self._trace = profile(activities=activities, schedule=steps, on_trace_ready=write)
+        self._trace.start()
+
+    # -------------------------------------------------------------------- results
+    def sections(self) -> dict[str, float]:
+        """Seconds per section; callbacks is the sum of the callbacks/<name> that follow it."""
+        per_callback = dict(sorted((key, value) for key, value in self.totals.items() if key.startswith("callbacks/")))
+        totals = {}
+        for section in self.SECTIONS:
+            if section == "callbacks":
+                totals[section] = sum(per_callback.values())
+                totals.update(per_callback)
+            else:
+                totals[section] = self.totals.get(section, 0.0)
+        return totals
+
+    def metrics(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        metrics = {f"profile/{section}_ms": 1000.0 * total / steps for section, total in self.sections().items()}
+        metrics["profile/step_ms"] = 1000.0 * self.wall / steps
+        return metrics
+
+    def table(self):
+        from rich.table import Table
+
+        steps = max(self.steps, 1)
+        table = Table(title=f"profile: {self.steps} steps, {self.wall:.2f} s")
+        for column in ("section", "total s", "ms/step", "share %"):
+            table.add_column(column, justify="left" if column == "section" else "right")
+        for section, total in self.sections().items():
+            name = "  " + section.split("/", 1)[1] if section.startswith("callbacks/") else section
+            share = 100.0 * total / self.wall if self.wall else 0.0
+            table.add_row(name, f"{total:.3f}", f"{1000.0 * total / steps:.2f}", f"{share:.1f}")
+        table.add_section()
+        table.add_row("fit", f"{self.wall:.3f}", f"{1000.0 * self.wall / steps:.2f}", "100.0")
+        return table

@@ -89,8 +89,9 @@ class Loop:
         self._batch_hooks = self._handlers("on_train_batch")
         self.emit("on_fit_start")
         while not self._done():
-            loader = self._loader("train", epoch=self.state.epoch, start_batch=self.state.batch_in_epoch)
+            # before the loader is made: a callback may change what it samples (mining)
             self.emit("on_epoch_start")
+            loader = self._loader("train", epoch=self.state.epoch, start_batch=self.state.batch_in_epoch)
             self.model.train()
             for x, y in loader:
                 self._train_batch(x, y)
@@ -182,7 +183,7 @@ class Loop:
         # a host-device sync per batch: the price of naming the step that went wrong. Under
         # DDP every rank must agree (one rank skipping backward would hang the others).
         if not self.dist.enabled:
-            finite = bool(torch.isfinite(loss))
+            finite = math.isfinite(loss.item())  # on CPU .item() is cheaper than an isfinite op
         else:
             finite = not bool(all_reduce_max((~torch.isfinite(loss)).to(torch.float32).reshape(1), self.dist))
         if finite:
@@ -282,7 +283,8 @@ class Loop:
     def _handlers(self, event: str) -> list[Callable]:
         """The bound methods of the callbacks that define this event (not the no-op base)."""
         base = getattr(Callback, event)
-        return [getattr(c, event) for c in self.callbacks.values() if getattr(type(c), event, base) is not base]
+        ordered = sorted(self.callbacks.values(), key=lambda c: getattr(c, "runs_last", False))
+        return [getattr(c, event) for c in ordered if getattr(type(c), event, base) is not base]
 
     def emit(self, event: str, *args: Any) -> None:
         handlers = self._dispatch.get(event)

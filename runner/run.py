@@ -52,6 +52,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: lis
     # per-rank streams: dropout and augmentation differ between ranks; DDP copies rank 0's
     # initial weights to the others
     seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
     config = resolved(cfg)
     parts = build(cfg, info["overrides"], dist.world_size)
     loop = Loop(parts, cfg.trainer, device, info["output_dir"] / "checkpoints", config, dist)
@@ -176,6 +178,7 @@ def check(cfg: DictConfig) -> None:
     expect(trainer.precision in PRECISIONS, f"trainer.precision='{trainer.precision}' is not supported; use one of {', '.join(PRECISIONS)}")
     expect(trainer.nonfinite_loss in NONFINITE_POLICIES, f"trainer.nonfinite_loss='{trainer.nonfinite_loss}' is not supported; use one of {', '.join(NONFINITE_POLICIES)}")
     expect(trainer.gradient_clip_algorithm in CLIP_ALGORITHMS, f"trainer.gradient_clip_algorithm='{trainer.gradient_clip_algorithm}' is not supported; use one of {', '.join(CLIP_ALGORITHMS)}")
+    expect(trainer.num_threads >= 0, f"trainer.num_threads={trainer.num_threads} is negative; use 0 (torch's default) or a thread count")
     expect(trainer.max_epochs >= 1, f"trainer.max_epochs={trainer.max_epochs} must be at least 1")
     expect(trainer.accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be at least 1")
     expect(trainer.val_check_interval >= 0, f"trainer.val_check_interval={trainer.val_check_interval} is negative; use 0 (every epoch) or a step count")

@@ -53,6 +53,10 @@ class TrainerConf:
     seed: int = 0
     # seed python/numpy/torch and switch torch to deterministic algorithms
     deterministic: bool = False
+    # CPU threads for torch's intra-op work (torch.set_num_threads); 0 keeps torch's default.
+    # Small models gain nothing from more, and on a shared machine extra threads wait on
+    # each other
+    num_threads: int = 0
     # a non-finite training loss: error (stop with a message) or skip (drop that step)
     nonfinite_loss: str = "error"
     # print a progress line every N steps when stdout is not a terminal; 0: per epoch only

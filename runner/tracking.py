@@ -227,15 +227,18 @@ class MLflowLogger(Callback):
         if error is not None:
             text = f"{type(error).__name__}: {error}"
             self.client.log_batch(self.run_id, tags=[RunTag("runner.error", text[:5000])])
-        self._log_artifacts(loop.info["output_dir"], loop.checkpoint_dir)
+        self._log_artifacts(loop.info["output_dir"], loop.checkpoint_dir, loop.info.get("artifacts", []))
         self.client.set_terminated(self.run_id, status=status)
 
-    def _log_artifacts(self, output_dir: Path, checkpoint_dir: Path) -> None:
+    def _log_artifacts(self, output_dir: Path, checkpoint_dir: Path, extra: list | None = None) -> None:
+        """The job's files, and the (path, artifact folder) pairs callbacks listed in
+        loop.info["artifacts"] (e.g. the profiler's trace)."""
         files = [(path, "hydra") for path in sorted((output_dir / ".hydra").glob("*.yaml"))]
         files += [(path, None) for path in sorted(output_dir.glob("*.log"))]
         files += [(output_dir / name, None) for name in ("confusion_matrix.png", "metrics.json")]
         if self.log_checkpoint:
             files.append((checkpoint_dir / "best.pt", "checkpoints"))
+        files += [(Path(path), folder) for path, folder in extra or []]
         for path, folder in files:
             if path.is_file():
                 try:
@@ -248,6 +251,63 @@ class MLflowLogger(Callback):
 
     def load_state_dict(self, state):
         self.resume_run_id = state.get("run_id")
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard event files: every metric the loop logs, as a scalar at the current
+    optimizer step (the steps MLflow records), and the resolved config as text and hparams.
+    Browse with `tensorboard --logdir <output_dir>/tensorboard` (or a sweep's directory)."""
+
+    def __init__(self, log_dir: str | None = None, flush_secs: int = 10):
+        try:
+            import tensorboard  # noqa: F401  (an optional extra; torch's SummaryWriter needs it)
+        except ImportError:
+            raise ConfigError(
+                f"logger: '{__name__}.TensorBoardLogger' needs the tensorboard package, which is not "
+                "installed; install it with pip install 'runner[tensorboard]', or use logger=mlflow"
+            ) from None
+        self.log_dir, self.flush_secs = log_dir, flush_secs
+        self.writer = None
+
+    def on_fit_start(self, loop):
+        from omegaconf import OmegaConf
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        path = Path(self.log_dir) if self.log_dir else loop.info["output_dir"] / "tensorboard"
+        # a resumed job adds an event file to the same directory; TensorBoard reads them as one run
+        self.writer = SummaryWriter(str(path), flush_secs=self.flush_secs)
+        self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(loop.config) + "```", loop.state.step)
+        params = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flatten(loop.config).items()}
+        objectives = {name: 0.0 for name in objective_names(loop.config.get("optimized_metric", "val/acc"))}
+        for summary in hparams(params, objectives):  # the HParams tab: only names are read from objectives
+            self.writer.file_writer.add_summary(summary)
+
+    def on_log(self, loop, metrics):
+        if self.writer is None:
+            return
+        step = loop.state.step
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, float(value), step)
+
+    def on_run_end(self, loop, status, error):
+        if self.writer is None:
+            return
+        if error is not None:
+            self.writer.add_text("error", f"{status}: {type(error).__name__}: {error}", loop.state.step)
+        self.writer.close()
+        self.writer = None
+
+
+def mlflow_config(logger: Any) -> Any:
+    """The MLflowLogger settings in the logger config: the logger itself, or one of several
+    named loggers (logger=mlflow_tensorboard); None when MLflow is not among them."""
+    target = f"{__name__}.MLflowLogger"
+    if not logger or logger.get("_target_") == target:
+        return logger or None
+    if "_target_" in logger:
+        return None
+    return next((entry for entry in logger.values() if isinstance(entry, (dict, DictConfig)) and entry.get("_target_") == target), None)
 
 
 def _read_run_id(output_dir: Path, name: str = "mlflow_run_id") -> str | None:
@@ -309,8 +369,8 @@ class SweepRun(HydraCallback):
         from runner.search import check_sweep_or_exit
 
         check_sweep_or_exit(config)  # bad sweep input stops here, before a parent run or a trial exists
-        logger = config.get("logger")
-        if not logger or logger.get("_target_") != f"{__name__}.MLflowLogger" or not is_rank_zero():
+        logger = mlflow_config(config.get("logger"))
+        if logger is None or not is_rank_zero():
             return  # under torchrun every rank runs the sweep; rank 0 alone records it
         choices = config.hydra.runtime.choices
         experiment = experiment_name(logger.experiment_name, choices)
@@ -411,9 +471,9 @@ class SweepRun(HydraCallback):
 
 def tag_job_run(job_config: DictConfig | None, output_dir: str | None, tags: dict[str, str]) -> None:
     """Add tags to a finished job's MLflow run (found through its output directory)."""
-    logger = job_config.get("logger") if job_config is not None else None
+    logger = mlflow_config(job_config.get("logger")) if job_config is not None else None
     run_id = _read_run_id(Path(output_dir)) if output_dir else None
-    if not run_id or not logger or logger.get("_target_") != f"{__name__}.MLflowLogger":
+    if not run_id or logger is None:
         return
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient

@@ -5,9 +5,11 @@ ResumableBatchSampler: a permutation seeded by (seed, epoch) and a start positio
 resumed in the middle of an epoch sees exactly the batches an unbroken run would.
 """
 
+from runner.data.audio import synthetic_audio
 from runner.data.digits import digits
 from runner.data.module import DataModule, ResumableBatchSampler, split
+from runner.data.ode import ode
 from runner.data.synthetic import synthetic
 from runner.data.tensors import tensors
 
-__all__ = ["DataModule", "ResumableBatchSampler", "digits", "split", "synthetic", "tensors"]
+__all__ = ["DataModule", "ResumableBatchSampler", "digits", "ode", "split", "synthetic", "synthetic_audio", "tensors"]

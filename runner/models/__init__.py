@@ -2,6 +2,8 @@
 
 from runner.models.cnn import CNN
 from runner.models.mlp import MLP
+from runner.models.pinn import PINN
 from runner.models.resnet import ResNet
+from runner.models.vit import ViT
 
-__all__ = ["CNN", "MLP", "ResNet"]
+__all__ = ["CNN", "MLP", "PINN", "ResNet", "ViT"]

@@ -18,6 +18,9 @@ def image_channels(input_shape: Sequence[int], model: str) -> int:
 class CNN(nn.Module):
     """Conv-BatchNorm-ReLU-MaxPool blocks, global average pooling, dropout, linear head."""
 
+    # any [C, H, W] grid: images, and spectrograms [C, F, T]
+    modalities = ("image", "spectrogram")
+
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64), dropout: float = 0.0):
         super().__init__()
         width = image_channels(input_shape, "cnn")

@@ -32,6 +32,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem convolution and stages of basic blocks; stages after the first halve resolution."""
 
+    # any [C, H, W] grid: images, and spectrograms [C, F, T]
+    modalities = ("image", "spectrogram")
+
     def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64), blocks_per_stage: int = 1):
         super().__init__()
         width = widths[0]

@@ -60,6 +60,7 @@ class Loop:
         # facts about the job for callbacks (loggers): output_dir, overrides, group choices, ...
         self.info: dict[str, Any] = {"output_dir": checkpoint_dir.parent}
         self._dispatch: dict[str, list[Callable]] = {}
+        self._samples: int | None = None  # training samples this epoch, kept by fit()
         self.stop_signal: int | None = None  # set by a SIGINT/SIGTERM handler (run.py)
         self.redeliver: int | None = None  # a signal to hand on once the run is closed (run.py)
         self._step_loss = torch.zeros((), device=device)
@@ -86,6 +87,8 @@ class Loop:
     def fit(self) -> None:
         # views into state.train_sums (made once: indexing per step costs more than the adds)
         self._sums = self.state.train_sums.unbind(0)
+        self._samples = int(self.state.train_sums[2])
+        self._classification = self.task == "classification"
         self._batch_hooks = self._handlers("on_train_batch")
         self.emit("on_fit_start")
         while not self._done():
@@ -111,16 +114,17 @@ class Loop:
             logits = self.forward(x)
             loss = self.compute_loss(logits, y, x, self.model)
         self.state.batch_in_epoch += 1
-        if self._finite(loss.detach()):
+        detached = loss.detach()
+        if self._finite(detached):
             accumulate = self.trainer.accumulate_grad_batches
             self.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
-            self._step_loss = loss.detach()
+            self._step_loss = detached
             with torch.no_grad():  # running sums stay on the device: no sync per step
-                loss_sum, correct, samples = self._sums
-                loss_sum.add_(self._step_loss, alpha=len(y))
-                if self.task == "classification":
+                loss_sum, correct, _ = self._sums
+                loss_sum.add_(detached, alpha=len(y))
+                if self._classification:
                     correct.add_((logits.argmax(dim=1) == hard_labels(y)).sum())
-                samples.add_(len(y))
+            self._samples += len(y)  # a Python count: one tensor op fewer per step
         if self.state.batch_in_epoch % self.trainer.accumulate_grad_batches == 0 or self.state.batch_in_epoch == self.batches_per_epoch:
             self._optimizer_step()
             self.state.step += 1
@@ -150,6 +154,7 @@ class Loop:
     def _end_epoch(self) -> None:
         if not self.trainer.val_check_interval:
             self.validate()
+        self.state.train_sums[2] = self._samples
         sums = all_reduce_sum(self.state.train_sums.clone(), self.dist)
         loss_sum, correct, samples = sums.tolist()  # one host sync per epoch
         if samples:
@@ -158,6 +163,7 @@ class Loop:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
         self.state.train_sums.zero_()
+        self._samples = 0
         self.log({"epoch": float(self.state.epoch)})
         self.emit("on_epoch_end")
 
@@ -301,6 +307,8 @@ class Loop:
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         scheduler = self.parts.scheduler
+        if self._samples is not None:  # the sample count lives in a Python int during fit
+            self.state.train_sums[2] = self._samples
         return {
             "format": checkpoint.FORMAT,
             "model": self.model.state_dict(),

@@ -31,6 +31,10 @@ def bind_context(loss: Callable) -> LossFn:
     except (TypeError, ValueError):
         parameters = {}
     wanted = [name for name in CONTEXT if name in parameters]
+    if isinstance(loss, nn.Module) and not _has_hooks(loss):
+        # call forward directly: Module.__call__'s hook machinery costs microseconds a step,
+        # which shows on small models; a loss with hooks keeps going through __call__
+        loss = forward
     if not wanted:
         return lambda outputs, target, inputs, model: loss(outputs, target)
     if wanted == ["inputs"]:
@@ -38,6 +42,14 @@ def bind_context(loss: Callable) -> LossFn:
     if wanted == ["model"]:
         return lambda outputs, target, inputs, model: loss(outputs, target, model=model)
     return lambda outputs, target, inputs, model: loss(outputs, target, inputs=inputs, model=model)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    own = any(getattr(m, name) for m in module.modules() for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+    everywhere = any(getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"))
+    return own or everywhere
 
 
 def _soft_targets(target: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
@@ -59,7 +71,8 @@ class CrossEntropyLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing)
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        return F.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.label_smoothing)
 
 
 class WeightedCrossEntropyLoss(CrossEntropyLoss):

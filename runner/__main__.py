@@ -26,12 +26,27 @@ def main(cfg: DictConfig) -> float:
     from runner.run import run  # torch is imported here, not on the --help/--cfg path
 
     try:
+        if cfg.get("pipeline"):
+            return _pipeline(cfg)
         return run(cfg).optimized_value
     except RunnerError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job and goes on
         print(f"runner: error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+
+
+def _pipeline(cfg: DictConfig) -> float:
+    """Run the pipeline's stages in the job's directory; return the last stage's objective."""
+    from pathlib import Path
+
+    from runner.pipeline import run_pipeline
+
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN:
+        raise RunnerError("pipeline=... runs its stages itself; run it without -m (a sweep inside a stage is not supported)")
+    results = run_pipeline(cfg, list(hydra.overrides.task), Path(hydra.runtime.output_dir))
+    return list(results.values())[-1].optimized_value
 
 
 def entry() -> None:

@@ -28,6 +28,8 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
     for metric in objective_names(cfg.optimized_metric):
         check_metric_name("optimized_metric", metric, task=data.task)
     model = _make(cfg.model, "model", allowed)
+    if cfg.get("init_from"):
+        _initial_weights(model, cfg.init_from)
     _check_modality(model, "model", cfg.model._target_, data)
     loss = _make(cfg.loss, "loss", allowed)
     _check_modality(loss, "loss", cfg.loss._target_, data)
@@ -97,6 +99,33 @@ def _check_modality(part: Any, key: str, target: str, data) -> None:
             f"{key}: '{target}' works on {' or '.join(accepts)} inputs, but the data gives "
             f"{data.modality} inputs of shape {list(data.input_shape)}; pick another {key.split('.')[0]} "
             f"or data with {' or '.join(accepts)} samples"
+        )
+
+
+def _initial_weights(model, path: str) -> None:
+    """init_from: load the tensors of a checkpoint whose names and shapes match (a new
+    head for another number of classes stays random), and say what was left out."""
+    from pathlib import Path
+
+    from runner import checkpoint
+
+    payload = checkpoint.load(Path(path))
+    weights = payload.get("eval_model") or payload["model"]
+    own = model.state_dict()
+    matching = {key: value for key, value in weights.items() if key in own and own[key].shape == value.shape}
+    if not matching:
+        raise ConfigError(
+            f"init_from='{path}': none of its tensors fits this model (it has {len(weights)}, e.g. "
+            f"{next(iter(weights), '-')}); point it at a checkpoint of the same architecture"
+        )
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    if is_rank_zero():
+        import logging
+
+        logging.getLogger("runner").info(
+            "model initialised from %s: %d of %d tensors%s", path, len(matching), len(own),
+            f"; left as initialised: {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}" if skipped else "",
         )
 
 

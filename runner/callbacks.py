@@ -30,7 +30,14 @@ import sys
 import time
 
 from runner.errors import ConfigError
-from runner.metrics import check_metric_name
+
+
+def check_metric_name(*args, **kwargs) -> str:
+    # runner.metrics imports torchmetrics (and torch): only when a monitor is built, so that
+    # modules needing just the Callback base (tracking, compare) stay light
+    from runner.metrics import check_metric_name as check
+
+    return check(*args, **kwargs)
 
 log = logging.getLogger("runner")
 
@@ -278,17 +285,67 @@ class Progress(Callback):
         log.info("fit ended after %d epochs, %d steps, %.2f s%s", loop.state.epoch, loop.state.step, time.monotonic() - self.started, reason)
 
     def on_test_end(self, loop, metrics):
+        """The end-of-run summary: where the job's files and its MLflow run are, how to open
+        them, and the headline metrics of the best weights (all of them: metrics.json)."""
         if self.silent:
             return
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title="final metrics")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in sorted(metrics):
-            table.add_row(key, f"{metrics[key]:.4f}")
-        Console().print(table)
+        output_dir = loop.info["output_dir"]
+        best = loop.checkpoint_dir / "best.pt"
+        rows = [("output dir", str(output_dir)), ("best checkpoint", str(best) if best.is_file() else "none written")]
+        rows += self._mlflow_rows(loop)
+        table = Table(title="final metrics", caption=f"all metrics: {output_dir / 'metrics.json'}", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value", overflow="fold")
+        for label, value in rows:
+            table.add_row(label, Text(value))  # Text: a [bracket] in a path is not rich markup
+        table.add_section()
+        for label, value in self._headline(metrics):
+            table.add_row(label, value)
+        # a log file or a pipe gets whole lines (an 80-column wrap would split the paths)
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+    @staticmethod
+    def _headline(metrics: dict) -> list[tuple[str, str]]:
+        """test/* first, then val/*, one row each ("acc 0.9889  f1 0.9887 ..."), then the
+        model's size."""
+        rows = []
+        for split in ("test", "val"):
+            keys = sorted(key for key in metrics if key.startswith(f"{split}/"))
+            if keys:
+                rows.append((split, "  ".join(f"{key.split('/', 1)[1]} {metrics[key]:.4f}" for key in keys)))
+        if "model/params" in metrics:
+            rows.append(("model/params", f"{int(metrics['model/params']):,}"))
+        return rows
+
+    @staticmethod
+    def _mlflow_rows(loop) -> list[tuple[str, str]]:
+        """The job's MLflow run and the command that opens it, or why there is none."""
+        import shlex
+
+        from runner.tracking import MLflowLogger, experiment_name
+
+        logger = next((c for c in loop.callbacks.values() if isinstance(c, MLflowLogger)), None)
+        if logger is None:
+            choice = loop.info.get("choices", {}).get("logger")
+            return [("MLflow", f"off (logger={choice})" if choice else "off (no MLflow logger)")]
+        if logger.run_id is None:
+            return [("MLflow", "not tracked (the store was unreachable; logger.required=false)")]
+        uri = logger.client.tracking_uri
+        name = experiment_name(logger.experiment_name, loop.info.get("choices", {}))
+        try:
+            experiment_id = logger.client.get_run(logger.run_id).info.experiment_id
+        except Exception as error:  # the summary never fails a finished run
+            return [("MLflow run", f"{logger.run_id} (experiment '{name}')"), ("MLflow store", f"{uri} ({error})")]
+        rows = [("MLflow run", f"{logger.run_id} (experiment '{name}', id {experiment_id})"), ("MLflow store", uri)]
+        page = f"#/experiments/{experiment_id}/runs/{logger.run_id}"
+        if uri.startswith(("http://", "https://")):  # a server already serves the UI
+            return rows + [("run page", f"{uri.rstrip('/')}/{page}")]
+        command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"  # a path with spaces stays one argument
+        return rows + [("open the UI", command), ("run page", f"http://127.0.0.1:5000/{page}")]
 
 
 class EMA(Callback):
@@ -707,3 +764,39 @@ class Profiler(Callback):
         table.add_section()
         table.add_row("fit", f"{self.wall:.3f}", f"{1000.0 * self.wall / steps:.2f}", "100.0")
         return table
+
+
+class TrainingCurves(Callback):
+    """Records every logged metric with its optimizer step and, after the final test, draws
+    training_curves.png in the output directory (losses, validation metrics, learning rate;
+    runner.plots.training_curves_png) and lists it as an artifact. The series are kept
+    across a resume, so the picture of a resumed run covers the whole run. Rank 0 draws."""
+
+    def __init__(self, filename: str = "training_curves.png"):
+        self.filename = filename
+        self.series: dict[str, dict[str, list]] = {}  # name -> {"steps": [...], "values": [...]}
+
+    def on_log(self, loop, metrics):
+        step = loop.state.step
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                entry = self.series.setdefault(name, {"steps": [], "values": []})
+                entry["steps"].append(step)
+                entry["values"].append(float(value))
+
+    def on_test_end(self, loop, metrics):
+        from runner.distributed import is_rank_zero
+        from runner.plots import training_curves_png
+
+        if not is_rank_zero():
+            return
+        series = {name: (entry["steps"], entry["values"]) for name, entry in self.series.items()}
+        path = training_curves_png(series, loop.info["output_dir"] / self.filename)
+        if path is not None:
+            loop.info.setdefault("artifacts", []).append((path, None))
+
+    def state_dict(self):
+        return {"series": {name: {"steps": list(e["steps"]), "values": list(e["values"])} for name, e in self.series.items()}}
+
+    def load_state_dict(self, state):
+        self.series = {name: {"steps": list(e["steps"]), "values": list(e["values"])} for name, e in state.get("series", {}).items()}

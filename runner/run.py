@@ -35,11 +35,17 @@ class RunResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     confusion_matrix: list[list[int]] = field(default_factory=list)
+    mlflow_run_id: str | None = None  # the job's MLflow run, when a logger opened one
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: list[str] | None = None) -> RunResult:
-    """One job: returns its metrics; the logger's run ends FINISHED, FAILED or KILLED."""
+def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: list[str] | None = None,
+        choices: dict[str, str] | None = None) -> RunResult:
+    """One job: returns its metrics; the logger's run ends FINISHED, FAILED or KILLED.
+    Outside a Hydra app (train(), pipelines) output_dir, command_line and the group
+    choices come from the caller."""
     info = job_info(output_dir, command_line)
+    if choices:
+        info["choices"] = {key: value for key, value in choices.items() if value is not None}
     check(cfg)
     device = resolve_device(cfg.trainer.device)
     dist = distributed.setup(cfg.trainer.strategy, device.type == "cuda")
@@ -107,6 +113,7 @@ def _finish(loop: Loop, optimized_metric: Any) -> RunResult:
         best_checkpoint=best if best.exists() else None,
         last_checkpoint=last if last.exists() else None,
         confusion_matrix=confusion,
+        mlflow_run_id=getattr(loop.callbacks.get("logger"), "run_id", None),
     )
 
 

@@ -9,13 +9,18 @@ This module must not import torch: it is on the ``--help`` / ``--cfg job`` path.
 """
 
 import hashlib
+import importlib.resources
 import json
+import re
+import shutil
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "ddp")
@@ -82,6 +87,11 @@ class RunConf:
     ckpt_path: Optional[str] = None
     # extra _target_ prefixes that may be instantiated besides runner.*, torch.*, torchmetrics.*
     allowed_targets: list = field(default_factory=list)
+    # initial weights for the model from a runner checkpoint (its tensors whose names and
+    # shapes match; a new head stays random); not a resume: optimizer and step start fresh
+    init_from: Optional[str] = None
+    # a multi-stage pipeline (conf/pipeline/): stages run as jobs in order; null: one job
+    pipeline: Any = None
 
 
 def objective_names(optimized_metric: Any) -> list[str]:
@@ -159,6 +169,96 @@ def register() -> None:
     # not use_cache: OmegaConf caches on the literal "${data.path}", not on its value
     OmegaConf.register_resolver("tensor_file", _tensor_file_info, replace=True)
     OmegaConf.register_resolver("runner_study_name", study_name, replace=True)
+    OmegaConf.register_resolver("runner_groups", config_groups_help, replace=True)
+
+
+# ------------------------------------------------------------------ --help listing
+# Config sources whose groups --help lists: runner's conf/, --config-dir, hydra.searchpath;
+# not Hydra's own (hydra/help, hydra/job_logging, ...) nor structured configs.
+_HIDDEN_PROVIDERS = ("hydra", "schema")
+# a sentence ends at . ! ? followed by a capital: "Lin et al. 2017" and "e.g. data=..." go on
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def config_groups_help(*, _root_: Any) -> str:
+    """Resolver for --help (``${runner_groups:}`` in hydra.help.template): every config group
+    with its options, one line each, taken from the option file's leading comment, so the
+    files stay the one place that says what an option does. ``*`` marks this command's choice.
+
+    Reads the files of the config search path (runner's package, --config-dir,
+    hydra.searchpath) directly: a few dozen small files, no torch, no instantiation.
+    """
+    sources = OmegaConf.select(_root_, "hydra.runtime.config_sources", default=None)
+    sources = sources or [{"path": "runner.conf", "schema": "pkg", "provider": "main"}]
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
+    options: dict[str, dict[str, str]] = {}
+    for source in sources:
+        if source["provider"] in _HIDDEN_PROVIDERS:
+            continue
+        directory = _source_directory(source["schema"], source["path"])
+        for group, name, text in _group_files(directory) if directory is not None else ():
+            options.setdefault(group, {}).setdefault(name, _summary(text))  # first source wins, as in Hydra
+    # a terminal's width; piped into less or grep, longer lines (and a cut still readable)
+    width = max(60, shutil.get_terminal_size().columns) if sys.stdout.isatty() else 120
+    lines = []
+    for group in sorted(options, key=lambda g: (g.startswith("hydra/"), g)):
+        chosen = choices.get(group)
+        chosen = set(chosen) if isinstance(chosen, (list, ListConfig)) else {chosen}
+        column = max(map(len, options[group]))
+        lines.append(f"{group}:")
+        for name, summary in sorted(options[group].items()):
+            line = f"  {'*' if name in chosen else ' '} {name:<{column}}  {summary}".rstrip()
+            lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    # Hydra puts the template through string.Template: a literal $ must be $$
+    return "\n".join(lines).replace("$", "$$")
+
+
+def _source_directory(schema: str, path: str) -> Any:
+    """The directory of one config source: a package (pkg://runner.conf) or a folder."""
+    if schema == "file":
+        return Path(path) if Path(path).is_dir() else None
+    if schema != "pkg":
+        return None
+    module, _, below = path.partition("/")  # pkg://package.name[/folder]
+    try:
+        directory = importlib.resources.files(module)
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return directory.joinpath(*below.split("/")) if below else directory
+
+
+def _group_files(directory: Any, prefix: str = ""):
+    """(group, option, text) for every YAML file below directory; files at the top are
+    primary configs (train.yaml), not options."""
+    for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+        if entry.name.startswith(("_", ".")):
+            continue
+        if entry.is_dir():
+            yield from _group_files(entry, f"{prefix}{entry.name}/")
+        elif prefix and entry.name.endswith((".yaml", ".yml")):
+            yield prefix.rstrip("/"), entry.name.rsplit(".", 1)[0], entry.read_text()
+
+
+def _summary(text: str) -> str:
+    """The first sentence of a config file's leading comment (its prose lines, after any
+    '# @package' line); the _target_ when the file has no leading comment."""
+    prose: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if body.strip().startswith("@package"):
+            continue
+        if prose and (not body.strip() or body.startswith("  ")):  # a blank or an indented example ends it
+            break
+        prose.append(body.strip())
+        if _SENTENCE_END.search(" ".join(prose)) or prose[-1].endswith((".", ":")):
+            break
+    sentence = _SENTENCE_END.split(" ".join(prose), maxsplit=1)[0].rstrip(":").strip()
+    if sentence:
+        return sentence
+    target = re.search(r"^_target_:\s*(\S+)", text, re.MULTILINE)
+    return target.group(1) if target else ""
 
 
 register()

@@ -175,11 +175,18 @@ class MLflowLogger(Callback):
         self.client, experiment_id = connect(uri, experiment, self.required)
         if self.client is None:
             return
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent and self.experiment_name is None:  # nested runs live in their parent's experiment
+            try:
+                experiment_id = self.client.get_run(parent).info.experiment_id
+                experiment = self.client.get_experiment(experiment_id).name
+            except Exception as error:
+                log.warning("MLflow parent run %s not found (%s); this run is not nested", parent, error)
         run_id = self.resume_run_id or _read_run_id(info["output_dir"])
         if run_id and self._reopen(run_id):
             log.info("continuing MLflow run %s", run_id)
         else:
-            run = self.client.create_run(experiment_id, run_name=self.run_name or info.get("run_name"), tags=_tags(loop))
+            run = self.client.create_run(experiment_id, run_name=self.run_name or info.get("run_name") or _run_name(info), tags=_tags(loop))
             self.run_id = run.info.run_id
             self._log_params(loop.config)
         (info["output_dir"] / "mlflow_run_id").write_text(self.run_id + "\n")
@@ -228,7 +235,20 @@ class MLflowLogger(Callback):
             text = f"{type(error).__name__}: {error}"
             self.client.log_batch(self.run_id, tags=[RunTag("runner.error", text[:5000])])
         self._log_artifacts(loop.info["output_dir"], loop.checkpoint_dir, loop.info.get("artifacts", []))
+        self._log_model(loop.info.get("export"))
         self.client.set_terminated(self.run_id, status=status)
+
+    def _log_model(self, export: dict | None) -> None:
+        """The model runner.export.ExportModel exported and checked, as this run's MLflow
+        model: mlflow.pyfunc.load_model("runs:/<run id>/model") loads it without runner."""
+        if not export or not export.get("mlflow_model") or not export.get("torchscript"):
+            return
+        from runner.export import log_mlflow_model
+
+        try:
+            log.info("MLflow model %s", log_mlflow_model(self.client.tracking_uri, self.run_id, export))
+        except Exception as error:
+            log.warning("could not log the exported model to MLflow: %s", error)
 
     def _log_artifacts(self, output_dir: Path, checkpoint_dir: Path, extra: list | None = None) -> None:
         """The job's files, and the (path, artifact folder) pairs callbacks listed in
@@ -313,6 +333,16 @@ def mlflow_config(logger: Any) -> Any:
 def _read_run_id(output_dir: Path, name: str = "mlflow_run_id") -> str | None:
     path = output_dir / name
     return path.read_text().strip() if path.is_file() else None
+
+
+def _run_name(info: dict) -> str:
+    """model-loss-xxxxxx: MLflow's own random names come from the `random` module, which
+    the job has just seeded, so every run would get the same one."""
+    import uuid
+
+    choices = info.get("choices", {})
+    parts = [choices.get(group) for group in ("experiment", "model", "loss") if choices.get(group)]
+    return "-".join([*parts, uuid.uuid4().hex[:6]])
 
 
 def _tags(loop) -> dict[str, str]:

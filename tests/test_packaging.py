@@ -18,6 +18,12 @@ def test_built_wheel_runs_from_outside_the_checkout(tmp_path):
         check=True, capture_output=True, text=True, timeout=600,
     )
     (wheel,) = (tmp_path / "dist").glob("runner-*.whl")
+    import zipfile
+
+    shipped = {name.split("runner/conf/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if name.startswith("runner/conf/") and name.endswith(".yaml")}
+    expected = {path.relative_to(ROOT / "conf").as_posix() for path in (ROOT / "conf").rglob("*.yaml")}
+    assert shipped == expected, sorted(expected - shipped)
+    assert "runner/examples/quickstart.ipynb" in zipfile.ZipFile(wheel).namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

@@ -12,6 +12,8 @@ class KillAtStep(Callback):
     """SIGKILL this process at the end of optimizer step `step` (after the checkpoint
     callback has had its turn): a crash no handler can soften."""
 
+    runs_last = True  # after ModelCheckpoint (also runs_last, and listed before it)
+
     def __init__(self, step: int, flush_logger: bool = False):
         self.step, self.flush_logger = step, flush_logger
 
@@ -68,3 +70,29 @@ class SleepPerStep(Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class KillOnce(KillAtStep):
+    """KillAtStep the first time only: it leaves `marker` behind, and a rerun trains on."""
+
+    def __init__(self, step: int, marker: str):
+        super().__init__(step)
+        self.marker = marker
+
+    def on_step_end(self, loop):
+        if loop.state.step == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            super().on_step_end(loop)
+
+
+class SaveInitialWeights(Callback):
+    """Save the model's weights as fit starts (once: a resumed run keeps the first file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_start(self, loop):
+        import torch
+
+        if not os.path.exists(self.path):
+            torch.save(loop.model.state_dict(), self.path)

@@ -15,9 +15,12 @@ import runner.schema  # noqa: F401  (registers the typed schema before Hydra com
 from runner.errors import RunnerError
 
 
-# Hydra's own instantiations (callbacks, sweeper, launcher, logging handlers) are limited to
-# these packages; runner's build() applies its own allow-list to the object configs.
-TRUSTED = ["runner.*", "hydra.*", "hydra_plugins.*", "logging.*"]
+# Hydra's own instantiations (hydra.callbacks, sweeper, launcher) are limited to these
+# packages, checked by Hydra before it imports anything; logging handlers to the ones Hydra's
+# own job_logging uses (StreamHandler, FileHandler), which Hydra always permits: a config
+# file cannot add a handler that ships the log elsewhere. runner's build() applies its own
+# allow-list to the object configs.
+TRUSTED = ["runner.*", "hydra.*", "hydra_plugins.*"]
 
 
 @hydra.main(config_path="pkg://runner.conf", config_name="train", execution_whitelist=TRUSTED)

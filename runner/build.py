@@ -2,11 +2,16 @@
 
 Runtime arguments (the model's parameters, the optimizer, the run's step count, class
 counts) are passed at build time to ``_partial_: true`` configs, never written into the
-config. Every target must match the allow-list: runner's, torch's and torchmetrics'
-packages, ``allowed_targets`` from the config, and targets typed on the command line.
+config. Every target, at any depth, must match the allow-list before anything is built:
+runner's, torch's and torchmetrics' packages and ``allowed_targets`` from the config, less
+the parts of them that load code, unpickle or write files (DENIED_TARGETS); a target typed
+on the command line is trusted at the key it was typed for. Hydra's own execution whitelist
+(``_execution_whitelist_``) enforces the same list again inside instantiate.
 """
 
 import re
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.utils import instantiate
@@ -19,11 +24,104 @@ from runner.metrics import check_metric_name
 from runner.schema import objective_names
 
 ALLOWED_TARGETS = ["runner.*", "torch.*", "torchmetrics.*", "optuna.pruners.*"]
+# inside the allowed packages, never from a config: these load or compile code, unpickle,
+# write files anywhere, open network services, or run whole jobs (a module or a function)
+DENIED_TARGETS = (
+    "torch.hub", "torch.load", "torch.save", "torch.serialization", "torch.jit.load", "torch.jit.save",
+    "torch.package", "torch.utils.cpp_extension", "torch.utils.model_zoo", "torch.ops", "torch.classes",
+    "torch.library", "torch.distributed", "torch.multiprocessing", "torch.export.load", "torch.export.save",
+    "torch.onnx", "torch._",
+    "runner.checkpoint", "runner.run", "runner.api", "runner.pipeline", "runner.build", "runner.bench",
+    "runner.compare", "runner.__main__",
+)
 SCHEDULER_INTERVALS = ("step", "epoch", "validation")
+_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\.(\*|[A-Za-z_]\w*)")
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Which _target_s may be built: package patterns (``pkg.*``) or exact targets, and the
+    targets typed on the command line, each trusted at the key it was typed for only."""
+
+    patterns: tuple[str, ...]
+    typed: dict[str, str] = field(default_factory=dict)  # "model._target_" -> "my_pkg.Net"
+
+    @classmethod
+    def of(cls, cfg: DictConfig, command_line: list[str]) -> "AllowList":
+        extra = list(cfg.get("allowed_targets") or [])
+        for entry in extra:
+            if not isinstance(entry, str) or not _PATTERN.fullmatch(entry):
+                raise ConfigError(
+                    f"allowed_targets entry {entry!r} is not a package pattern or a target; "
+                    "write e.g. 'allowed_targets=[my_pkg.*]' or 'allowed_targets=[my_pkg.models.Net]'"
+                )
+            if entry.split(".")[0] in sys.stdlib_module_names:
+                raise ConfigError(
+                    f"allowed_targets entry '{entry}' opens Python's standard library, whose functions run "
+                    "commands and change files; wrap what you need in a function of your own package and allow that"
+                )
+        return cls(tuple(ALLOWED_TARGETS + extra), _typed_targets(command_line))
+
+    def check(self, node: Any, key: str = "") -> None:
+        """Every _target_ in node, at any depth: refused with the key, before anything is built."""
+        for target_key, target in _targets(node, key):
+            if self.typed.get(target_key) == target:
+                continue
+            if any(target == denied or target.startswith(denied if denied.endswith("_") else denied + ".") for denied in DENIED_TARGETS):
+                raise ConfigError(
+                    f"{target_key}='{target}' can load code or write files, so runner does not build it from a "
+                    f"config file; pick a model, loss or callback class instead (or type {target_key}={target} "
+                    "on the command line if you really mean it)"
+                )
+            if not any(target == entry or (entry.endswith(".*") and target.startswith(entry[:-1])) for entry in self.patterns):
+                package = target.split(".")[0]
+                fix = (
+                    f"allow its package with 'allowed_targets=[{package}.*]', or type {target_key}={target} on the command line"
+                    if package not in sys.stdlib_module_names else
+                    "it is in Python's standard library, which a config cannot open; wrap what you need in a "
+                    "function of your own package and allow that with 'allowed_targets=[my_pkg.*]'"
+                )
+                raise ConfigError(f"{target_key}='{target}' is not on the allow-list ({', '.join(self.patterns)}); {fix}")
+
+    def whitelist(self, key: str) -> list[str]:
+        """The list Hydra's instantiate enforces below key: the patterns and what was typed there."""
+        typed = [target for typed_key, target in self.typed.items() if typed_key.startswith(key + ".") and "." in target]
+        return list(self.patterns) + typed
+
+
+def _targets(node: Any, key: str) -> list[tuple[str, str]]:
+    """(full key of each _target_, its value) in a config, without resolving anything else."""
+    container = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for name, child in value.items():
+                child_path = f"{path}.{name}" if path else str(name)
+                if name == "_target_":
+                    found.append((child_path, _resolved_target(node, child_path, key, child)))
+                else:
+                    walk(child, child_path)
+        elif isinstance(value, list):
+            for index, child in enumerate(value):
+                walk(child, f"{path}[{index}]")
+
+    walk(container, "")
+    return [(f"{key}.{path}" if key else path, target) for path, target in found]
+
+
+def _resolved_target(node: Any, path: str, key: str, raw: Any) -> str:
+    if isinstance(raw, str) and "${" in raw and OmegaConf.is_config(node):
+        try:
+            return str(OmegaConf.select(node, path))
+        except Exception as error:
+            raise ConfigError(f"{key + '.' if key else ''}{path}='{raw}' cannot be resolved ({str(error).splitlines()[0]})") from None
+    return str(raw)
 
 
 def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: int = 1) -> Parts:
-    allowed = ALLOWED_TARGETS + list(cfg.allowed_targets) + _typed_targets(command_line or [])
+    allowed = AllowList.of(cfg, command_line or [])
+    allowed.check(cfg)  # the whole job config, nested targets too, before any part is built
     data = _make(cfg.data, "data", allowed)
     for metric in objective_names(cfg.optimized_metric):
         check_metric_name("optimized_metric", metric, task=data.task)
@@ -45,6 +143,9 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
         if node is not None:
             callbacks[name] = _make(node, f"callbacks.{name}", allowed)
             _check_modality(callbacks[name], f"callbacks.{name}", node._target_, data)
+            tracker = getattr(callbacks[name], "tracker", None)  # a monitored metric must exist for this task
+            if hasattr(tracker, "check"):
+                tracker.check(data.task)
     return Parts(
         data=data, model=model, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scheduler_interval=interval, scheduler_monitor=monitor,
@@ -53,7 +154,7 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
     )
 
 
-def _loggers(node: Any, allowed: list[str]) -> dict[str, Any]:
+def _loggers(node: Any, allowed: AllowList) -> dict[str, Any]:
     """One logger (the file has a _target_) or several named ones (logger=mlflow_tensorboard).
     The first is the callback "logger" (what checkpoints and helpers look up), the others
     "logger.<name>"."""
@@ -68,7 +169,7 @@ def _loggers(node: Any, allowed: list[str]) -> dict[str, Any]:
     return loggers
 
 
-def _augmentation(node: Any, data, allowed: list[str]) -> Any:
+def _augmentation(node: Any, data, allowed: AllowList) -> Any:
     """One transform, or named ones applied in order (augmentation=[mixup,noise_shift]
     selects several files of the group, each under its own name)."""
     if node is None or (not _has_target(node) and not node):
@@ -105,12 +206,11 @@ def _check_modality(part: Any, key: str, target: str, data) -> None:
 def _initial_weights(model, path: str) -> None:
     """init_from: load the tensors of a checkpoint whose names and shapes match (a new
     head for another number of classes stays random), and say what was left out."""
-    from pathlib import Path
-
     from runner import checkpoint
 
-    payload = checkpoint.load(Path(path))
-    weights = payload.get("eval_model") or payload["model"]
+    weights = checkpoint.evaluation_weights(
+        path, "init_from", "point it at a runner checkpoint (<run dir>/checkpoints/best.pt or last.pt) or set init_from=null"
+    )
     own = model.state_dict()
     matching = {key: value for key, value in weights.items() if key in own and own[key].shape == value.shape}
     if not matching:
@@ -129,7 +229,7 @@ def _initial_weights(model, path: str) -> None:
         )
 
 
-def _scheduler(cfg: DictConfig, optimizer, data, allowed: list[str], world_size: int) -> tuple[Any, str, str | None]:
+def _scheduler(cfg: DictConfig, optimizer, data, allowed: AllowList, world_size: int) -> tuple[Any, str, str | None]:
     node = cfg.scheduler
     if not _has_target(node):
         return None, "step", None
@@ -149,18 +249,13 @@ def _scheduler(cfg: DictConfig, optimizer, data, allowed: list[str], world_size:
     return scheduler, interval, monitor
 
 
-def _make(node: Any, key: str, allowed: list[str]) -> Any:
+def _make(node: Any, key: str, allowed: AllowList) -> Any:
     if not _has_target(node):
         raise ConfigError(f"{key} has no _target_; pick a file of conf/{key.split('.')[0]}/ or set {key}._target_")
     target = node._target_
-    if not any(target == entry or (entry.endswith(".*") and target.startswith(entry[:-1])) for entry in allowed):
-        package = target.split(".")[0]
-        raise ConfigError(
-            f"{key}._target_='{target}' is not on the allow-list ({', '.join(allowed)}); "
-            f"allow its package with 'allowed_targets=[{package}.*]'"
-        )
+    allowed.check(node, key)
     try:
-        return instantiate(node, _execution_whitelist_=allowed)
+        return instantiate(node, _execution_whitelist_=allowed.whitelist(key))
     except Exception as error:  # hydra wraps the target's own error; show the real one
         raise _explain(error, key, target, node) from None
 
@@ -181,7 +276,11 @@ def _explain(error: Exception, key: str, target: str, node: DictConfig | None = 
         if isinstance(cause, RunnerError):
             return cause
         root, cause = cause, cause.__cause__
-    message = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
+    lines = [line for line in str(root).strip().splitlines() if not line.startswith("full_key:")]
+    message = lines[-1] if lines else type(root).__name__
+    if type(root).__name__ == "InstantiationException":  # Hydra's own refusal: its first sentence, and where
+        where = next((line for line in str(root).splitlines() if line.startswith("full_key:")), "")
+        message = f"{' '.join(lines) or message} ({where or 'full_key: ' + key})"
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
     if unexpected:  # e.g. model._target_ changed while the old file's keys stayed
         name = unexpected.group(1)
@@ -189,13 +288,15 @@ def _explain(error: Exception, key: str, target: str, node: DictConfig | None = 
     return ConfigError(f"{key}: could not build '{target}': {message}; check the {key}.* keys")
 
 
-def _typed_targets(command_line: list[str]) -> list[str]:
-    """Targets the user named in a command-line override: their own choice, so allowed."""
-    targets = []
+def _typed_targets(command_line: list[str]) -> dict[str, str]:
+    """Targets the user typed in a command-line override (model._target_=my_pkg.Net): their
+    own choice, so allowed, at that key only; the same target in a config file elsewhere is not."""
+    targets = {}
     for override in command_line:
         key, _, value = override.partition("=")
-        if key.lstrip("+~").endswith("_target_") and value:
-            targets.append(value)
+        key, value = key.lstrip("+~"), value.strip().strip("'\"")
+        if key.endswith("_target_") and value:
+            targets[key] = value
     return targets
 
 
@@ -228,10 +329,10 @@ def build_sampler(sampler: Any, seed: int | None, grid_space: dict) -> Any:
         if sampler == "grid":
             node["_partial_"] = True
         sampler = OmegaConf.create(node)
-    made = _make(sampler, "hydra.sweeper.sampler", SWEEP_TARGETS)
+    made = _make(sampler, "hydra.sweeper.sampler", AllowList(tuple(SWEEP_TARGETS)))
     # GridSampler is partial: it needs the grid, known only once the search space is parsed
     return made(grid_space) if _is_partial(sampler) else made
 
 
 def build_pruner(pruner: Any) -> Any:
-    return _make(pruner, "hydra.sweeper.pruner", SWEEP_TARGETS) if _has_target(pruner) else None
+    return _make(pruner, "hydra.sweeper.pruner", AllowList(tuple(SWEEP_TARGETS))) if _has_target(pruner) else None

@@ -326,6 +326,7 @@ class Progress(Callback):
         """The job's MLflow run and the command that opens it, or why there is none."""
         import shlex
 
+        from runner.schema import mask_url
         from runner.tracking import MLflowLogger, experiment_name
 
         logger = next((c for c in loop.callbacks.values() if isinstance(c, MLflowLogger)), None)
@@ -334,7 +335,7 @@ class Progress(Callback):
             return [("MLflow", f"off (logger={choice})" if choice else "off (no MLflow logger)")]
         if logger.run_id is None:
             return [("MLflow", "not tracked (the store was unreachable; logger.required=false)")]
-        uri = logger.client.tracking_uri
+        uri = mask_url(logger.client.tracking_uri)  # printed and logged: never a password
         name = experiment_name(logger.experiment_name, loop.info.get("choices", {}))
         try:
             experiment_id = logger.client.get_run(logger.run_id).info.experiment_id

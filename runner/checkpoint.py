@@ -5,6 +5,7 @@ and renames the new one into place, so a crash at any point leaves a readable ch
 A load uses ``weights_only=True`` (no code runs from a checkpoint) and checks the format.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunnerError
 from runner.schema import flatten
 
 FORMAT = "runner-checkpoint/1"
@@ -26,17 +27,52 @@ def previous(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+class CheckpointWriteError(RunnerError):
+    """A checkpoint could not be written (disk full, directory not writable). Exit status 1."""
+
+
 def save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically; on an OS error (disk full, no permission) remove the partial
+    temporary file and raise CheckpointWriteError: the files already in place stay as they were."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if path.exists():
-        os.replace(path, previous(path))
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, previous(path))
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:  # not the file system: a bug, shown as it is
+            raise
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)  # a partial file would keep the space that ran out
+        reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
+        if path.exists():
+            kept = f"the previous {path.name} is intact"
+        elif previous(path).exists():
+            kept = f"the newest good one is {previous(path).name}"
+        else:
+            kept = "no earlier one was written"
+        raise CheckpointWriteError(
+            f"could not write checkpoint '{path}': {reason}; {kept}; free disk space or make "
+            f"{path.parent} writable, then run the same command again to resume"
+        ) from None
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind an error: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError of the write itself."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -61,7 +97,9 @@ def load(path: Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, random bytes, or a pickle carrying code
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({reason[:200]})") from None
+        from runner.errors import unsafe_checkpoint_reason
+
+        raise CheckpointError(unsafe_checkpoint_reason(f"checkpoint '{path}' is unreadable ({reason[:200]})")) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint '{path}' is not a runner checkpoint (format {found!r}, expected {FORMAT!r})")
@@ -116,3 +154,14 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     old_flat, new_flat = flatten(old), flatten(new)
     keys = sorted((set(old_flat) | set(new_flat)) - set(RESUMABLE_CHANGES))
     return [f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}" for key in keys if old_flat.get(key) != new_flat.get(key)]
+
+
+def evaluation_weights(path: Path | str, key: str, fix: str) -> dict:
+    """The weights a checkpoint was evaluated with (its eval_model, e.g. an EMA, else its
+    model), for a config key that points at it (init_from, loss.teacher_checkpoint); a bad
+    file is one message naming the key and the fix."""
+    try:
+        payload = load(Path(path))
+    except CheckpointError as error:
+        raise ConfigError(f"{key}='{path}': {error}; {fix}") from None
+    return payload.get("eval_model") or payload["model"]

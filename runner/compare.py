@@ -197,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from runner.tracking import default_tracking_uri  # the store runner itself writes to
 
-    uri = default_tracking_uri(args.tracking_uri)
+    from runner.schema import mask_url
+
+    store = default_tracking_uri(args.tracking_uri)
+    uri = mask_url(store)  # what is printed: never a password in the URL
     try:
-        client = connect(uri)
+        client = connect(store)
         runs = find_runs(client, uri, args)
     except CompareError as error:
         print(f"runner.compare: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # the store itself failed (a server down, a foreign database)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = mask_url(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
         print(f"runner.compare: error: the MLflow store at {uri} failed: {first}; check --tracking-uri", file=sys.stderr)
         return 2
     what = f"runs {', '.join(r[:8] for r in args.runs)}" if args.runs else f"sweep {args.sweep[:8]}" if args.sweep else f"experiment '{args.experiment}'"

@@ -44,14 +44,34 @@ def setup(strategy: str, use_cuda: bool) -> Dist:
     if not dist.is_available():
         raise ConfigError("trainer.strategy=ddp but this torch build has no torch.distributed; use trainer.strategy=auto")
     _environment_from_slurm()
+    # neither torchrun nor Slurm: one process on its own, which needs no rendezvous server
+    standalone = "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():  # a multirun under torchrun reuses the group across jobs
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(minutes=30)
+        if standalone:
+            # an in-process store instead of the TCP store env:// starts (which listens on
+            # every interface), and gloo's own socket on the loopback interface
+            loopback = _loopback_interface()
+            if loopback:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group(backend, timeout=timeout)
     return Dist(dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size())
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name (lo on Linux, lo0 on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
 
 
 def _environment_from_slurm() -> None:

@@ -33,3 +33,16 @@ class Interrupted(RunnerError):
 
 class Pruned(RunnerError):
     """A sweep's pruner stopped this trial early: PRUNED in Optuna, KILLED in MLflow."""
+
+
+def unsafe_checkpoint_reason(message: str) -> str:
+    """A checkpoint error's text with torch's weights-only refusal said plainly: torch's own
+    words suggest weights_only=False, which would run whatever code the file carries."""
+    import re
+
+    return re.sub(
+        r"\(Weights only load failed[^)]*\)",
+        "(torch's weights-only loader refused it: not a tensor checkpoint, or it carries pickled "
+        "Python objects that could run code, which runner never unpickles)",
+        message,
+    )

@@ -244,8 +244,10 @@ class DistillationLoss(nn.Module):
     def _load_teacher(self, path) -> None:
         from runner import checkpoint
 
-        payload = checkpoint.load(path)
-        weights = payload.get("eval_model") or payload["model"]
+        weights = checkpoint.evaluation_weights(
+            path, "loss.teacher_checkpoint",
+            "point it at the teacher run's checkpoints/best.pt, or pass loss.teacher_run_id=<MLflow run id>",
+        )
         try:
             self.teacher.load_state_dict(weights)
         except RuntimeError as error:
@@ -288,6 +290,7 @@ def _teacher_file(path: str | None, run_id: str | None, tracking_uri: str | None
 
     from mlflow.tracking import MlflowClient
 
+    from runner.schema import mask_url
     from runner.tracking import default_tracking_uri
 
     uri = default_tracking_uri(tracking_uri)
@@ -296,6 +299,6 @@ def _teacher_file(path: str | None, run_id: str | None, tracking_uri: str | None
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"loss.teacher_run_id='{run_id}': no checkpoints/best.pt in that run at {uri} ({first[:200]}); "
+            f"loss.teacher_run_id='{run_id}': no checkpoints/best.pt in that run at {mask_url(uri)} ({mask_url(first[:200])}); "
             "check the id (mlflow ui) and loss.tracking_uri, or pass loss.teacher_checkpoint=<file>"
         ) from None

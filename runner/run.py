@@ -17,11 +17,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import checkpoint, distributed
 from runner.build import build
-from runner.errors import ConfigError, Interrupted, Pruned, RunnerError
+from runner.errors import ConfigError, Interrupted, Pruned, RunnerError, unsafe_checkpoint_reason
 from runner.loop import Loop
 from runner.metrics import check_metric_name
 from runner.plots import confusion_matrix_png
-from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, objective_names
+from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, mask_override, objective_names
 from runner.state import seed_everything
 
 log = logging.getLogger("runner")
@@ -135,7 +135,7 @@ def job_info(output_dir: str | Path | None, command_line: list[str] | None) -> d
     info["choices"] = {key: value for key, value in hydra.runtime.choices.items() if value is not None}
     if hydra.mode == RunMode.MULTIRUN:
         info["job_num"] = hydra.job.num
-        info["run_name"] = f"job {hydra.job.num}: {' '.join(hydra.overrides.task)}"[:250]
+        info["run_name"] = f"job {hydra.job.num}: {' '.join(map(mask_override, hydra.overrides.task))}"[:250]
     return info
 
 
@@ -238,7 +238,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resume(loop: Loop, ckpt_path: str | None, config: dict) -> None:
-    found = checkpoint.find_resume(ckpt_path, loop.checkpoint_dir)
+    try:
+        found = checkpoint.find_resume(ckpt_path, loop.checkpoint_dir)
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(unsafe_checkpoint_reason(str(error))) from None
     if found is None:
         return
     payload, path = found
@@ -248,8 +251,22 @@ def resume(loop: Loop, ckpt_path: str | None, config: dict) -> None:
     try:
         loop.load_state_dict(payload)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise ConfigError(f"checkpoint '{path}' does not fit this model/optimizer ({str(error).splitlines()[0]}); resume with the config it was trained with") from None
+        raise ConfigError(_misfit(path, ckpt_path, payload, config, error)) from None
     log.info("resumed from %s at epoch %d, step %d", path, loop.state.epoch, loop.state.step)
+
+
+def _misfit(path: Path, ckpt_path: str | None, payload: dict, config: dict, error: Exception) -> str:
+    """Why a checkpoint does not fit: another model class when the checkpoint says so, else
+    the first lines of torch's complaint (its first line alone names no tensor)."""
+    key = f"ckpt_path='{ckpt_path}'" if ckpt_path else f"checkpoint '{path}' (this output directory's last.pt)"
+    trained = OmegaConf.select(OmegaConf.create(payload.get("config") or {}), "model._target_", default=None)
+    building = OmegaConf.select(OmegaConf.create(config), "model._target_", default=None)
+    if trained and trained != building:
+        reason = f"it holds a {trained} model, this run builds {building}"
+    else:
+        reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]
+    fix = "pass ckpt_path=null to start fresh" if ckpt_path else f"delete {path.parent} to start over"
+    return f"{key} does not fit this model/optimizer ({reason}); resume with the config it was trained with, or {fix}"
 
 
 def test(loop: Loop) -> dict[str, Any]:

@@ -112,6 +112,79 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# ------------------------------------------------------------------ secrets
+# What runner sends to a tracking store goes through mask_secrets (params) or mask_override
+# (the overrides tag), and text artifacts through redact, so a credential typed into a
+# config never leaves the machine. A key is a secret when its last component names one
+# (api_token, db_password, apiKey, client_secret, aws_access_key, credentials, ...).
+MASK = "***"
+_SECRET_KEY = re.compile(r"(?:^|_)(?:token|password|passwd|secret|api_?key|access_?key|private_?key|credentials?)(?:$|_)")
+# scheme://user:password@host: the password part (userinfo cannot hold an unescaped / or @)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s/]+)@", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """True for a dotted key whose last component looks like a credential's name."""
+    name = str(key).lstrip("+~").rsplit(".", 1)[-1]
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).replace("-", "_").lower()  # apiKey -> api_key
+    return bool(_SECRET_KEY.search(name))
+
+
+def mask_url(text: str) -> str:
+    """scheme://user:password@host -> scheme://user:***@host, anywhere in text."""
+    return _URL_PASSWORD.sub(lambda match: f"{match['head']}{MASK}@", text) if isinstance(text, str) else text
+
+
+def mask_secrets(config: Any) -> Any:
+    """A copy of a nested config in which the values of secret keys (whole subtrees) are
+    MASK and URL passwords are masked; unset values (null, "") stay as they are."""
+    if isinstance(config, dict):
+        return {
+            key: MASK if is_secret_key(key) and value not in (None, "") else mask_secrets(value)
+            for key, value in config.items()
+        }
+    if isinstance(config, (list, tuple)):
+        return [mask_secrets(value) for value in config]
+    return mask_url(config)
+
+
+def mask_override(override: str) -> str:
+    """A command-line override with a secret's value masked: +db.password=x -> +db.password=***."""
+    key, equals, value = str(override).partition("=")
+    if equals and value and is_secret_key(key):
+        return f"{key}={MASK}"
+    return key + equals + mask_url(value)
+
+
+def secret_values(config: Any) -> list[str]:
+    """The secret strings in a nested config (values of secret keys, URL passwords), longest
+    first: what redact removes from text before it is uploaded."""
+    found: set[str] = set()
+
+    def walk(node: Any, secret: bool) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, secret or is_secret_key(key))
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value, secret)
+        elif node not in (None, ""):
+            if secret:
+                found.add(str(node))
+            found.update(match["password"] for match in _URL_PASSWORD.finditer(str(node)))
+
+    walk(config, False)
+    # a value of one or two characters would mangle every file it is removed from; the
+    # params and tags still mask it
+    return sorted((value for value in found if len(value) >= 3), key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return mask_url(text)
+
+
 def _tensor_file_info(path: str, key: str) -> Any:
     """OmegaConf resolver: facts about a user's data file, read when first interpolated."""
     from runner.data.tensors import file_info  # lazy: only a job that uses data=tensors pays

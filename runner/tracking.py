@@ -3,7 +3,9 @@ callback). Only MlflowClient is used, never MLflow's global "active run", so man
 process (Hydra's basic launcher, notebooks) cannot trip over each other.
 
 Metrics are appended to a buffer on the training thread (no I/O there) and sent by a
-background thread with log_batch; the buffer is flushed when the run ends.
+background thread with log_batch; the buffer is flushed when the run ends. A store that stops
+answering never stops training: the values stay buffered and are retried, and what could not
+be sent (or a run that could not be closed) is reported in one line at the end.
 """
 
 import contextlib
@@ -20,20 +22,24 @@ from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner.callbacks import Callback
 from runner.distributed import is_rank_zero
 from runner.errors import ConfigError
-from runner.schema import flatten, objective_names
+from runner.schema import flatten, mask_override, mask_secrets, mask_url, objective_names, redact, secret_values
 
 log = logging.getLogger("runner")
 
 PARENT_RUN_ENV = "RUNNER_MLFLOW_PARENT_RUN_ID"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 rejects longer param values
+MAX_KEY_LENGTH = 250  # and longer param keys
 PARAMS_PER_BATCH = 100  # log_batch limits: 100 params, 1000 metrics, 1000 entries in all
 METRICS_PER_BATCH = 1000
 TRUNCATED = "...[truncated]"
+MAX_RETRY_PAUSE_S = 30.0  # the longest pause between attempts to send metrics to a store that is down
+CLOSE_TIMEOUT_S = 60.0  # the longest wait at the end of a run for a send already under way
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
 def experiment_name(configured: str | None, choices: dict) -> str:
@@ -52,29 +58,50 @@ def default_tracking_uri(tracking_uri: str | None) -> str:
 
 
 def connect(tracking_uri: str, experiment_name: str, required: bool = True):
-    """A client and experiment id, or (None, None) when the store is unreachable and not
-    required. Fails fast instead of MLflow's minutes of retries."""
+    """A client and experiment id, or (None, None) when the store is unreachable or unusable
+    and not required. Fails fast instead of MLflow's minutes of retries."""
     # bounded retries for an http store; the user's own settings win
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    source = _uri_source(tracking_uri)
+    shown = mask_url(tracking_uri)
     problem = _unreachable(tracking_uri)
-    if problem:
-        message = (
-            f"logger.tracking_uri='{tracking_uri}' is unreachable ({problem}); start a server there "
-            "(mlflow server --host 127.0.0.1 --port <port>), or unset logger.tracking_uri and "
-            "MLFLOW_TRACKING_URI to use the local store, or pass logger.required=false to train untracked"
-        )
-        if required:
-            raise ConfigError(message)
-        log.warning("%s; training without tracking", message)
-        return None, None
-    from mlflow.tracking import MlflowClient
+    message = (
+        f"{source}='{shown}' is unreachable ({problem}); start a server there "
+        "(mlflow server --host 127.0.0.1 --port <port>), or unset logger.tracking_uri and "
+        "MLFLOW_TRACKING_URI to use the local store, or pass logger.required=false to train untracked"
+    )
+    if not problem:
+        from mlflow.tracking import MlflowClient
 
-    with _store_lock(tracking_uri):
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-    return client, experiment_id
+        try:
+            with _store_lock(tracking_uri):
+                client = MlflowClient(tracking_uri)
+                experiment = client.get_experiment_by_name(experiment_name)
+                experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+            return client, experiment_id
+        except Exception as error:  # an unknown scheme, missing credentials, a foreign database
+            scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else ""
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if scheme and scheme not in STORE_SCHEMES:
+                reason = f"unknown scheme '{scheme}'; MLflow stores are {', '.join(STORE_SCHEMES)}"
+            reason = mask_url(reason)
+            message = (
+                f"{source}='{shown}' is not a tracking store MLflow can open ({reason[:200]}); use "
+                "sqlite:///<path>/mlflow.db or http://<host>:<port>, or unset logger.tracking_uri and "
+                "MLFLOW_TRACKING_URI to use the local store, or pass logger.required=false to train untracked"
+            )
+    if required:
+        raise ConfigError(message)
+    log.warning("%s; training without tracking", message)
+    return None, None
+
+
+def _uri_source(tracking_uri: str) -> str:
+    """Which setting a tracking URI came from, for messages."""
+    if os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri:
+        return "MLFLOW_TRACKING_URI"
+    return "logger.tracking_uri"
 
 
 def _unreachable(tracking_uri: str) -> str | None:
@@ -107,15 +134,19 @@ def _store_lock(tracking_uri: str):
 
 
 class _MetricSender:
-    """Buffers metrics and sends them in log_batch calls from a background thread."""
+    """Buffers metrics and sends them in log_batch calls from a background thread. While the
+    store does not answer, values stay buffered in order and are retried with a growing pause
+    (up to MAX_RETRY_PAUSE_S); close() leaves in unsent() what could not be sent."""
 
     def __init__(self, client, run_id: str, interval_s: float):
         self.client, self.run_id, self.interval_s = client, run_id, interval_s
         self.pending: list = []
+        self.sending: list = []  # taken from pending by a log_batch call still under way
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.closed = False
-        self.failures = 0
+        self.failures = 0  # failed attempts in a row
+        self.last_error = ""
         self.thread = threading.Thread(target=self._work, name="runner-mlflow", daemon=True)
         self.thread.start()
 
@@ -125,28 +156,60 @@ class _MetricSender:
 
     def _work(self) -> None:
         while not self.closed:
-            self.wake.wait(self.interval_s)
-            self.send()
+            self.wake.wait(min(self.interval_s * 2**self.failures, MAX_RETRY_PAUSE_S))
+            if not self.closed:
+                self.send()
 
-    def send(self) -> None:
+    def send(self) -> bool:
         with self.lock:
             batch, self.pending = self.pending, []
+            self.sending = batch
+        if not batch:
+            return True
         for start in range(0, len(batch), METRICS_PER_BATCH):
             chunk = batch[start : start + METRICS_PER_BATCH]
             try:
                 self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-            except Exception as error:  # the store hiccupped: keep the rest for the next try
-                self.failures += 1
-                log.warning("MLflow did not take %d metric values (%s); retrying later", len(batch) - start, error)
+            except Exception as error:  # the store is down or hiccupped: keep the rest, in order
                 with self.lock:
                     self.pending[:0] = batch[start:]
-                return
+                    self.sending = []
+                if not self.failures:
+                    log.warning("MLflow did not take %d metric values (%s); keeping them and retrying", len(batch) - start, _first_line(error))
+                self.failures += 1
+                self.last_error = _first_line(error)
+                return False
+            with self.lock:
+                self.sending = batch[start + METRICS_PER_BATCH :]
+        if self.failures:
+            log.info("MLflow takes metrics again after %d failed attempts", self.failures)
+        self.failures = 0
+        return True
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the thread and send what is left, unless the store is known to be gone. A
+        thread still in a call to a store that does not answer is left behind (a daemon)."""
         self.closed = True
         self.wake.set()
-        self.thread.join()
-        self.send()
+        if self._store_gone():
+            return
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            self.last_error = f"no answer within {timeout_s:.0f} s"
+        elif not self._store_gone():
+            self.send()
+
+    def _store_gone(self) -> bool:
+        """After a failed send, or during one, a quick probe (an http store's /health, 5 s at
+        most) instead of waiting out MLflow's retries and timeouts again."""
+        problem = _unreachable(self.client.tracking_uri) if self.failures or self.sending else None
+        if problem:
+            self.last_error = problem
+        return bool(problem)
+
+    def unsent(self) -> list:
+        with self.lock:
+            return self.sending + self.pending
 
 
 class MLflowLogger(Callback):
@@ -165,6 +228,7 @@ class MLflowLogger(Callback):
         self.required, self.log_checkpoint, self.flush_interval_s = required, log_checkpoint, flush_interval_s
         self.client = self.run_id = self.sender = None
         self.resume_run_id: str | None = None
+        self.secrets: list[str] = []  # secret values in the config, redacted from uploaded text
         self.logged_steps: dict[str, int] = {}
 
     # ------------------------------------------------------------- run lifecycle
@@ -182,16 +246,21 @@ class MLflowLogger(Callback):
                 experiment = self.client.get_experiment(experiment_id).name
             except Exception as error:
                 log.warning("MLflow parent run %s not found (%s); this run is not nested", parent, error)
+        self.secrets = secret_values(loop.config)
         run_id = self.resume_run_id or _read_run_id(info["output_dir"])
         if run_id and self._reopen(run_id):
             log.info("continuing MLflow run %s", run_id)
         else:
             run = self.client.create_run(experiment_id, run_name=self.run_name or info.get("run_name") or _run_name(info), tags=_tags(loop))
             self.run_id = run.info.run_id
-            self._log_params(loop.config)
+            try:
+                self._log_params(loop.config)
+            except BaseException:  # the store refused the params: never leave the run RUNNING
+                self.client.set_terminated(self.run_id, status="FAILED")
+                raise
         (info["output_dir"] / "mlflow_run_id").write_text(self.run_id + "\n")
         self.sender = _MetricSender(self.client, self.run_id, self.flush_interval_s)
-        log.info("MLflow run %s in %s (experiment '%s')", self.run_id, uri, experiment)
+        log.info("MLflow run %s in %s (experiment '%s')", self.run_id, mask_url(uri), experiment)
 
     def _reopen(self, run_id: str) -> bool:
         try:
@@ -208,9 +277,16 @@ class MLflowLogger(Callback):
         return True
 
     def _log_params(self, config: dict) -> None:
+        """The resolved config as dotted keys, secrets masked (schema.mask_secrets); the
+        .hydra/config.yaml on disk keeps what Hydra wrote."""
         from mlflow.entities import Param
 
-        params = [Param(key, _truncate(value)) for key, value in sorted(flatten(config).items())]
+        params = []
+        for key, value in sorted(flatten(mask_secrets(config)).items()):
+            if len(key) > MAX_KEY_LENGTH:
+                log.warning("param %s... not logged to MLflow: keys are limited to %d characters", key[:60], MAX_KEY_LENGTH)
+                continue
+            params.append(Param(key, _truncate(value)))
         for start in range(0, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
 
@@ -227,16 +303,45 @@ class MLflowLogger(Callback):
     def on_run_end(self, loop, status, error):
         if self.sender is None:
             return
+        sender, self.sender = self.sender, None
+        sender.close()
+        # a store still gone: skip the uploads, each would wait out MLflow's retries
+        problem = _unreachable(self.client.tracking_uri) if sender.unsent() else None
+        ended = False
+        if problem is None:
+            try:
+                self._end_run(loop, status, error)
+                ended = True
+            except Exception as failure:  # training's results are on disk: report, never crash
+                problem = _first_line(failure)
+        if sender.unsent() or not ended:
+            log.warning(self._gap_report(loop, status, sender.unsent(), problem or sender.last_error, ended))
+
+    def _end_run(self, loop, status, error) -> None:
         from mlflow.entities import RunTag
 
-        self.sender.close()
-        self.sender = None
         if error is not None:
             text = f"{type(error).__name__}: {error}"
             self.client.log_batch(self.run_id, tags=[RunTag("runner.error", text[:5000])])
         self._log_artifacts(loop.info["output_dir"], loop.checkpoint_dir, loop.info.get("artifacts", []))
         self._log_model(loop.info.get("export"))
         self.client.set_terminated(self.run_id, status=status)
+
+    def _gap_report(self, loop, status: str, unsent: list, problem: str, ended: bool) -> str:
+        """One line at the end: what the store lacks, and where the job's own files are."""
+        lost = []
+        if unsent:
+            steps = [metric.step for metric in unsent]
+            lost.append(f"{len(unsent)} metric values of steps {min(steps)}-{max(steps)} were not sent")
+        if not ended:
+            lost.append(f"the run could not be marked {status} (it stays RUNNING there)")
+        output_dir = loop.info["output_dir"]
+        kept = [name for name in ("checkpoints/last.pt", "metrics.json") if (output_dir / name).is_file()]
+        return (
+            f"MLflow run {self.run_id} is incomplete: the tracking store {mask_url(self.client.tracking_uri)} stopped "
+            f"answering ({problem}); {' and '.join(lost)}. The job's files on disk are unaffected: {output_dir}"
+            + (f" ({', '.join(kept)})" if kept else "")
+        )
 
     def _log_model(self, export: dict | None) -> None:
         """The model runner.export.ExportModel exported and checked, as this run's MLflow
@@ -262,7 +367,7 @@ class MLflowLogger(Callback):
         for path, folder in files:
             if path.is_file():
                 try:
-                    self.client.log_artifact(self.run_id, str(path), folder)
+                    _upload(self.client, self.run_id, path, folder, self.secrets)
                 except Exception as error:
                     log.warning("could not upload %s to MLflow: %s", path.name, error)
 
@@ -297,8 +402,9 @@ class TensorBoardLogger(Callback):
         path = Path(self.log_dir) if self.log_dir else loop.info["output_dir"] / "tensorboard"
         # a resumed job adds an event file to the same directory; TensorBoard reads them as one run
         self.writer = SummaryWriter(str(path), flush_secs=self.flush_secs)
-        self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(loop.config) + "```", loop.state.step)
-        params = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flatten(loop.config).items()}
+        config = mask_secrets(loop.config)
+        self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(config) + "```", loop.state.step)
+        params = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flatten(config).items()}
         objectives = {name: 0.0 for name in objective_names(loop.config.get("optimized_metric", "val/acc"))}
         for summary in hparams(params, objectives):  # the HParams tab: only names are read from objectives
             self.writer.file_writer.add_summary(summary)
@@ -350,7 +456,7 @@ def _tags(loop) -> dict[str, str]:
 
     info = loop.info
     tags = {f"choice.{group}": str(option) for group, option in info.get("choices", {}).items() if not group.startswith("hydra")}
-    tags["overrides"] = " ".join(info.get("overrides", [])) or "(none)"
+    tags["overrides"] = " ".join(mask_override(override) for override in info.get("overrides", [])) or "(none)"
     tags["output_dir"] = str(info["output_dir"])
     if info.get("job_num") is not None:
         tags["hydra.job.num"] = str(info["job_num"])
@@ -377,6 +483,38 @@ def _git() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".log", ".txt", ".md", ".csv")
+
+
+def _upload(client, run_id: str, path: Path, folder: str | None, secrets: list[str]) -> None:
+    """Upload a file as an artifact; a text file holding a secret value is uploaded as a
+    redacted copy, a checkpoint with the secrets masked in its stored config (the files on
+    disk stay as they are)."""
+    import tempfile
+
+    checkpoint = folder == "checkpoints" and path.suffix == ".pt"  # not export/model.pt (TorchScript)
+    if not secrets or not (checkpoint or path.suffix in TEXT_SUFFIXES):
+        client.log_artifact(run_id, str(path), folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="runner-redacted-") as scratch:
+        copy = Path(scratch) / path.name
+        if checkpoint:
+            import torch
+
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(payload, dict) and isinstance(payload.get("config"), dict):
+                payload["config"] = mask_secrets(payload["config"])
+            torch.save(payload, copy)
+        else:
+            copy.write_text(redact(path.read_text(errors="replace"), secrets))
+        client.log_artifact(run_id, str(copy), folder)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def _truncate(value: Any) -> str:
     text = str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - len(TRUNCATED)] + TRUNCATED
@@ -394,6 +532,7 @@ class SweepRun(HydraCallback):
 
     def __init__(self):
         self.client = self.run_id = None
+        self.secrets: list[str] = []
 
     def on_multirun_start(self, config, **kwargs):
         from runner.search import check_sweep_or_exit
@@ -408,11 +547,12 @@ class SweepRun(HydraCallback):
         if self.client is None:
             return
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.secrets = secret_values(OmegaConf.to_container(config, resolve=False))
         self.metric = objective_names(config.get("optimized_metric", "objective"))[0]
         tags = {
             "runner.sweep": "true",
             "sweep_dir": str(self.sweep_dir.resolve()),
-            "overrides": " ".join(config.hydra.overrides.task) or "(none)",
+            "overrides": " ".join(mask_override(override) for override in config.hydra.overrides.task) or "(none)",
             "hydra.sweeper": str(config.hydra.sweeper.get("_target_")),
             "hydra.launcher": str(config.hydra.launcher.get("_target_")),
             "runner.optimized_metric": self.metric,
@@ -496,7 +636,7 @@ class SweepRun(HydraCallback):
         # this summary, multirun.yaml, and what the sweeper wrote (Optuna's trials and plots)
         for path in sorted(self.sweep_dir.iterdir()):
             if path.is_file() and path.suffix in (".csv", ".png", ".yaml"):
-                self.client.log_artifact(self.run_id, str(path))
+                _upload(self.client, self.run_id, path, None, self.secrets)
 
 
 def tag_job_run(job_config: DictConfig | None, output_dir: str | None, tags: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
-"""The command line, run as a user runs it: default job, own code, own configs, bad input."""
+"""The command line, run as a user runs it: default job, own code, own configs (bad input:
+tests/test_bad_input.py)."""
 
 import json
 import os
@@ -93,63 +94,3 @@ def test_experiment_recipe_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     config = (tmp_path / "out" / ".hydra" / "config.yaml").read_text()
     assert "runner.losses.FocalLoss" in config and "runner.schedulers.WarmupCosineLR" in config
-
-
-def _mismatched(tmp_path):
-    np.savez(tmp_path / "bad.npz", x=np.zeros((10, 4), "float32"), y=np.zeros(9, "int64"))
-    return ["data=tensors", "data.path=bad.npz"]
-
-
-def _corrupt_ckpt(tmp_path):
-    (tmp_path / "broken.pt").write_bytes(b"\x00" * 100)
-    return ["ckpt_path=broken.pt"]
-
-
-def _corrupt_last(tmp_path):
-    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
-    return []
-
-
-def _foreign_target(tmp_path):
-    # a config file (not the command line) naming code outside the allow-list
-    (tmp_path / "c" / "model").mkdir(parents=True)
-    (tmp_path / "c" / "model" / "evil.yaml").write_text("_target_: os.system\ncommand: echo pwned\n")
-    return ["--config-dir", "c", "model=evil"]
-
-
-BAD_INPUT = {
-    "unknown option": (lambda p: ["model=nope"], 1, "Could not find 'model/nope'"),
-    "unknown key": (lambda p: ["trainer.max_epoch=3"], 1, "Key 'max_epoch' not in 'TrainerConf'. Did you mean one of: 'max_epochs'"),
-    "wrong type": (lambda p: ["trainer.max_epochs=abc"], 1, "Value 'abc' of type 'str' could not be converted to Integer"),
-    "negative lr": (lambda p: ["optimizer.lr=-0.1"], 2, "runner: error: optimizer.lr=-0.1 is invalid; use a positive learning rate"),
-    "precision": (lambda p: ["trainer.precision=fp8"], 2, "runner: error: trainer.precision='fp8' is not supported; use one of 32, bf16-mixed, 16-mixed"),
-    "missing file": (lambda p: ["data=tensors", "data.path=nowhere.npz"], 2, "runner: error: data.path='nowhere.npz': no such file; give data.path=<file>"),
-    "x/y lengths": (_mismatched, 2, "runner: error: data.path='bad.npz': x has 10 samples but y has 9"),
-    "corrupt ckpt_path": (_corrupt_ckpt, 2, "runner: error: ckpt_path='broken.pt': checkpoint 'broken.pt' is unreadable"),
-    "corrupt last.pt": (_corrupt_last, 2, "runner: error: no readable checkpoint to resume from"),
-    "unknown metric": (lambda p: ["optimized_metric=val/accuracy"], 2, "runner: error: optimized_metric='val/accuracy' is not a metric this run reports; use one of train/loss"),
-    "unknown monitor": (lambda p: ["callbacks.checkpoint.monitor=val/auc"], 2, "runner: error: callbacks.checkpoint.monitor='val/auc' is not a metric"),
-    "no cuda": (lambda p: ["trainer.device=cuda"], 2, "runner: error: trainer.device='cuda' but CUDA is not available on this machine; use trainer.device=cpu or auto"),
-    "foreign keys for own model": (lambda p: ["model._target_=runner_test_helpers.TinyNet", "+model.width=8"], 2, "runner: error: model: 'runner_test_helpers.TinyNet' does not take channels=[32, 64]; drop it with ~model.channels"),
-    "target not allowed": (_foreign_target, 2, "runner: error: model._target_='os.system' is not on the allow-list"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=str)
-def test_bad_input_gets_one_clear_message(tmp_path, case):
-    make_args, code, message = BAD_INPUT[case]
-    if case == "no cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, so trainer.device=cuda is valid here")
-    args = make_args(tmp_path)
-    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    result = run_cli([*args, "hydra.run.dir=out", "trainer.max_epochs=1"], cwd=tmp_path)
-    assert result.returncode == code, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    if code == 2:
-        assert result.stderr.strip().splitlines()[-1].startswith("runner: error: ")
-    for path, content in before.items():  # nothing the user had was changed
-        assert path.read_bytes() == content, path
-    assert not (tmp_path / "out" / "checkpoints" / "best.pt").exists()
-    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened, so none is left RUNNING

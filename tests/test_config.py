@@ -22,9 +22,9 @@ GROUP_FILES = sorted(
 # spectrogram data): the overrides each is composed with here, one line per file
 COMPANIONS: dict[tuple[str, str], list[str]] = {
     # physics-informed parts come together: times in, one output, a regression objective
-    ("data", "ode"): ["model=pinn", "loss=physics", "optimized_metric=val/rel_l2"],
-    ("model", "pinn"): ["data=ode", "loss=physics", "optimized_metric=val/rel_l2"],
-    ("loss", "physics"): ["data=ode", "model=pinn", "optimized_metric=val/rel_l2"],
+    ("data", "ode"): ["model=pinn", "loss=physics", "optimized_metric=val/rel_l2", "callbacks.checkpoint.monitor=val/rel_l2", "callbacks.checkpoint.mode=min", "callbacks.early_stopping.monitor=val/rel_l2", "callbacks.early_stopping.mode=min"],
+    ("model", "pinn"): ["data=ode", "loss=physics", "optimized_metric=val/rel_l2", "callbacks.checkpoint.monitor=val/rel_l2", "callbacks.checkpoint.mode=min", "callbacks.early_stopping.monitor=val/rel_l2", "callbacks.early_stopping.mode=min"],
+    ("loss", "physics"): ["data=ode", "model=pinn", "optimized_metric=val/rel_l2", "callbacks.checkpoint.monitor=val/rel_l2", "callbacks.checkpoint.mode=min", "callbacks.early_stopping.monitor=val/rel_l2", "callbacks.early_stopping.mode=min"],
     # a teacher needs a trained checkpoint; alpha=0 composes and builds everything else
     ("loss", "distillation"): ["loss.alpha=0"],
     ("experiment", "distill_cnn_to_mlp"): ["loss.alpha=0"],

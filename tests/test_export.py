@@ -171,7 +171,8 @@ MODELS = {
     "mlp": ["model=mlp"],
     "vit": ["model=vit", "model.depth=1"],
     "resnet": ["model=resnet"],
-    "pinn": ["data=ode", "model=pinn", "loss=physics", "optimized_metric=val/rel_l2"],
+    "pinn": ["data=ode", "model=pinn", "loss=physics", "optimized_metric=val/rel_l2", "callbacks.checkpoint.monitor=val/rel_l2",
+             "callbacks.checkpoint.mode=min", "callbacks.early_stopping.monitor=val/rel_l2", "callbacks.early_stopping.mode=min"],
 }
 
 

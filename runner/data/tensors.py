@@ -68,7 +68,11 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
     except ConfigError:
         raise
     except Exception as error:  # a damaged or foreign file: say which and why
-        raise ConfigError(f"data.path='{path}' could not be read ({error}); {FIX}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "pickled" in reason or "Weights only load failed" in reason:
+            # numpy and torch both suggest loading unsafely here; runner never does
+            reason = f"not a {file.suffix} file of plain arrays: damaged, or it holds pickled Python objects, which runner does not load"
+        raise ConfigError(f"data.path='{path}' could not be read ({reason[:200]}); {FIX}") from None
     return _validated(path, content)
 
 

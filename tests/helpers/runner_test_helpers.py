@@ -96,3 +96,148 @@ class SaveInitialWeights(Callback):
 
         if not os.path.exists(self.path):
             torch.save(loop.model.state_dict(), self.path)
+
+
+# ---------------------------------------------------------------- fault injection
+# Used by tests/test_faults.py. The killers act once: each leaves `marker` behind, so the
+# same command run again (the resume) trains on.
+
+
+def _kill_once(marker: str) -> None:
+    open(marker, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAtReplace(Callback):
+    """SIGKILL this process inside runner.checkpoint.save, on the `nth` rename of a fully
+    written and fsynced temporary file onto `name`: the previous file has already been moved
+    aside to <name>.prev, the new one is not in place yet. Wraps the real os.replace that
+    save calls; every other rename goes through untouched."""
+
+    def __init__(self, nth: int, marker: str, name: str = "last.pt"):
+        self.nth, self.marker, self.name = nth, marker, name
+        self.seen = 0
+
+    def on_fit_start(self, loop):
+        if os.path.exists(self.marker):
+            return
+        real_replace = os.replace
+
+        def replace(source, destination, *args, **kwargs):
+            if os.path.basename(os.fspath(source)) == f".{self.name}.tmp":
+                self.seen += 1
+                if self.seen == self.nth:
+                    _kill_once(self.marker)
+            return real_replace(source, destination, *args, **kwargs)
+
+        os.replace = replace
+
+
+class KillDuring(Callback):
+    """SIGKILL this process once, at one point of the run:
+    - point=epoch_end: right after the checkpoint callback saved epoch `at`'s last.pt;
+    - point=validation: inside the `at`-th validation, in the model's first eval-mode forward;
+    - point=test: inside the final test of the best weights (after fit), first eval forward."""
+
+    runs_last = True  # after ModelCheckpoint, which is listed before it
+
+    def __init__(self, point: str, marker: str, at: int = 1):
+        assert point in ("epoch_end", "validation", "test"), point
+        self.point, self.marker, self.at = point, marker, at
+        self.validations = 0
+        self.phase = "train"
+
+    def on_fit_start(self, loop):
+        if self.point in ("validation", "test"):
+            loop.model.register_forward_hook(self._forward)
+
+    def _forward(self, module, args, output):
+        armed = (self.point == "validation" and self.phase == "validation" and self.validations == self.at) or (
+            self.point == "test" and self.phase == "test"
+        )
+        if armed and not module.training and not os.path.exists(self.marker):
+            _kill_once(self.marker)
+
+    def on_validation_start(self, loop):
+        self.validations += 1
+        self.phase = "validation"
+
+    def on_validation_end(self, loop, metrics):
+        self.phase = "train"
+
+    def on_epoch_end(self, loop):
+        if self.point == "epoch_end" and loop.state.epoch == self.at and not os.path.exists(self.marker):
+            _kill_once(self.marker)
+
+    def on_fit_end(self, loop):
+        self.phase = "test"
+
+
+class PoisonAtStep(Callback):
+    """A NaN in the inputs of the batch that makes optimizer step `step`: its loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch(self, loop, x, y):
+        if loop.state.step + 1 == self.step:
+            x = x.clone()
+            x.view(len(x), -1)[:, 0] = float("nan")
+        return x, y
+
+
+class KillServerAtStep(Callback):
+    """At the end of step `step`, SIGKILL the process group named by $RUNNER_TEST_SERVER_PGID
+    (the tracking server the test started in its own session) and wait until the logger's
+    tracking URI refuses connections."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop):
+        if loop.state.step != self.step:
+            return
+        import time
+        import urllib.request
+
+        os.killpg(int(os.environ["RUNNER_TEST_SERVER_PGID"]), signal.SIGKILL)
+        health = loop.callbacks["logger"].client.tracking_uri.rstrip("/") + "/health"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(health, timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{health} still answers after SIGKILL")
+
+
+class BallastFromStep(Callback):
+    """From step `step` on, this callback's state (saved in every checkpoint) carries
+    `megabytes` of zeros: later checkpoints outgrow a file-size limit the test set."""
+
+    def __init__(self, step: int, megabytes: float):
+        self.step, self.megabytes = step, megabytes
+        self.active = False
+
+    def on_step_end(self, loop):
+        self.active = loop.state.step >= self.step
+
+    def state_dict(self):
+        import torch
+
+        return {"ballast": torch.zeros(int(self.megabytes * 2**20), dtype=torch.uint8)} if self.active else {}
+
+
+class FreezeDirAtStep(Callback):
+    """At the end of step `step`, make the checkpoint directory immutable (chattr +i): no file
+    can be created, renamed or removed in it, not even by root. The test undoes it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop):
+        if loop.state.step == self.step:
+            import subprocess
+
+            subprocess.run(["chattr", "+i", str(loop.checkpoint_dir)], check=True)

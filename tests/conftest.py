@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real config with tiny overrides, run the CLI as a user would."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,10 +57,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port, started and stopped by the tests."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port, in its own session (so a test may kill
+    its whole process group); returns the process and its URI once /health answers."""
     port = free_port()
     environment = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     server = subprocess.Popen(
@@ -67,7 +67,7 @@ def mlflow_server(tmp_path_factory):
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
         ],
-        cwd=root, env=environment, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        cwd=root, env=environment, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -75,19 +75,30 @@ def mlflow_server(tmp_path_factory):
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as response:
                 if response.status == 200:
-                    break
+                    return server, uri
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
+            stop_mlflow_server(server)
             raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    yield uri
-    server.terminate()
+        time.sleep(0.3)
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    """Kill the server and its workers (its process group)."""
     try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server`, started once for the session and stopped at its end."""
+    server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_mlflow_server(server)
 
 
 def run_cli(args, cwd, timeout=300, env=None, executable=None):

@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -38,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from runner.checkpoint import FORMAT, CheckpointWriteError, find_resume, load, save
-from tests.conftest import free_port, run_cli
+from tests.conftest import run_cli, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -210,42 +209,8 @@ def test_no_readable_checkpoint_refuses_instead_of_starting_over(tmp_path, two_e
     assert {path.name: path.read_bytes() for path in checkpoints.iterdir()} == before  # nothing trained, nothing overwritten
 
 
-def _start_server(root: Path):
-    """`mlflow server` in its own session (the test kills the whole group), as conftest's fixture."""
-    port = free_port()
-    environment = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-        ],
-        cwd=root, env=environment, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return server, uri
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop_server(server)
-            raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-        time.sleep(0.3)
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait(timeout=30)
-
-
 def test_the_tracking_server_dies_mid_run_training_finishes_and_the_gap_is_reported(tmp_path):
-    server, uri = _start_server(tmp_path)
+    server, uri = start_mlflow_server(tmp_path)
     try:
         started = time.monotonic()
         result = run_cli(
@@ -269,7 +234,7 @@ def test_the_tracking_server_dies_mid_run_training_finishes_and_the_gap_is_repor
         assert "could not be marked FINISHED" in report
         assert elapsed < 120, elapsed  # a dead server costs bounded retries, not a hang
         # the server back on the same database: what was sent before the outage is there
-        server, uri = _start_server(tmp_path)
+        server, uri = start_mlflow_server(tmp_path)
         client = MlflowClient(uri)
         run = client.get_run(run_id)
         assert run.info.status == "RUNNING"  # as the report says
@@ -280,7 +245,7 @@ def test_the_tracking_server_dies_mid_run_training_finishes_and_the_gap_is_repor
         first_unsent = int(re.search(r"metric values of steps (\d+)-18 were not sent", report).group(1))
         assert first_unsent in (len(sent), len(sent) + 1), (report, sent)
     finally:
-        _stop_server(server)
+        stop_mlflow_server(server)
 
 
 def _limit_file_size(limit: int):

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import checkpoint, distributed
 from runner.build import build
-from runner.errors import ConfigError, Interrupted, Pruned, RunnerError, unsafe_checkpoint_reason
+from runner.errors import ConfigError, Interrupted, Pruned, RunnerError
 from runner.loop import Loop
 from runner.metrics import check_metric_name
 from runner.plots import confusion_matrix_png
@@ -238,10 +238,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resume(loop: Loop, ckpt_path: str | None, config: dict) -> None:
-    try:
-        found = checkpoint.find_resume(ckpt_path, loop.checkpoint_dir)
-    except checkpoint.CheckpointError as error:
-        raise checkpoint.CheckpointError(unsafe_checkpoint_reason(str(error))) from None
+    found = checkpoint.find_resume(ckpt_path, loop.checkpoint_dir)  # load() words torch's refusals plainly
     if found is None:
         return
     payload, path = found

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -99,6 +100,22 @@ def mlflow_server(tmp_path_factory):
     server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield uri
     stop_mlflow_server(server)
+
+
+def assert_same_training_state(straight, resumed, step: int) -> None:
+    """Two (last.pt payload, metrics.json) pairs are bit-identical: the step, every weight,
+    every optimizer state tensor (Adam's moments and step) and the final metrics."""
+    (last_a, metrics_a), (last_b, metrics_b) = straight, resumed
+    assert last_a["state"]["step"] == last_b["state"]["step"] == step
+    assert last_a["model"].keys() == last_b["model"].keys()
+    for key in last_a["model"]:
+        assert torch.equal(last_a["model"][key], last_b["model"][key]), key
+    optimizer_a, optimizer_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert optimizer_a.keys() == optimizer_b.keys()
+    for index in optimizer_a:
+        for key in optimizer_a[index]:
+            assert torch.equal(optimizer_a[index][key], optimizer_b[index][key]), (index, key)
+    assert metrics_a == metrics_b
 
 
 def run_cli(args, cwd, timeout=300, env=None, executable=None):

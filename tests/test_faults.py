@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from runner.checkpoint import FORMAT, CheckpointWriteError, find_resume, load, save
-from tests.conftest import run_cli, start_mlflow_server, stop_mlflow_server
+from tests.conftest import assert_same_training_state, run_cli, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -61,20 +61,6 @@ def _sqlite(tmp_path) -> str:
 
 def _final(run_dir: Path):
     return load(run_dir / "checkpoints" / "last.pt"), json.loads((run_dir / "metrics.json").read_text())
-
-
-def _assert_identical(straight, resumed):
-    (last_a, metrics_a), (last_b, metrics_b) = straight, resumed
-    assert last_a["state"]["step"] == last_b["state"]["step"] == 18
-    assert last_a["model"].keys() == last_b["model"].keys()
-    for key in last_a["model"]:
-        assert torch.equal(last_a["model"][key], last_b["model"][key]), key
-    optimizer_a, optimizer_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
-    assert optimizer_a.keys() == optimizer_b.keys()
-    for index in optimizer_a:
-        for key in optimizer_a[index]:
-            assert torch.equal(optimizer_a[index][key], optimizer_b[index][key]), (index, key)
-    assert metrics_a == metrics_b
 
 
 def _assert_every_checkpoint_readable(checkpoints: Path) -> None:
@@ -133,7 +119,7 @@ def test_sigkill_at_any_point_then_resume_ends_bit_identical(tmp_path, straight,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch {epoch}, step {step}" in resumed.stdout, resumed.stdout[-3000:]
     _assert_every_checkpoint_readable(checkpoints)
-    _assert_identical(straight, _final(tmp_path / "run"))
+    assert_same_training_state(straight, _final(tmp_path / "run"), 18)
 
 
 def test_ctrl_c_saves_last_ends_killed_and_exits_130(tmp_path):
@@ -190,7 +176,7 @@ def test_a_damaged_last_pt_falls_back_to_the_previous_one_and_says_so(tmp_path, 
     assert f"resuming from the previous good checkpoint {last.with_name('last.prev.pt')} instead" in log
     assert "at epoch 1, step 6" in log  # not from scratch
     # checkpoint frequency changes no number: this run ends as the unbroken one
-    _assert_identical(straight, _final(run_dir))
+    assert_same_training_state(straight, _final(run_dir), 18)
 
 
 def test_no_readable_checkpoint_refuses_instead_of_starting_over(tmp_path, two_epochs):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 import runner.schema  # noqa: F401  (registers the typed schema before Hydra composes)
 from runner.errors import RunnerError
+from runner.job_guard import check_env_set, install_logging_guard
 
 
 # Hydra's own instantiations (hydra.callbacks, sweeper, launcher) are limited to these
@@ -21,14 +22,19 @@ from runner.errors import RunnerError
 # file cannot add a handler that ships the log elsewhere. runner's build() applies its own
 # allow-list to the object configs.
 TRUSTED = ["runner.*", "hydra.*", "hydra_plugins.*"]
+# and a logging handler writes inside the job's output directory only (runner/job_guard.py);
+# installed on import, so every process that unpickles main() for a launcher has it too
+install_logging_guard()
 
 
 @hydra.main(config_path="pkg://runner.conf", config_name="train", execution_whitelist=TRUSTED)
 def main(cfg: DictConfig) -> float:
     """Run one job and return ``optimized_metric`` (a float, or a list of them) to the sweeper."""
-    from runner.run import run  # torch is imported here, not on the --help/--cfg path
-
     try:
+        hydra_config = HydraConfig.get()  # first, before anything reads the environment Hydra set
+        check_env_set(hydra_config.job.env_set or {}, hydra_config.overrides.hydra)
+        from runner.run import run  # torch is imported here, not on the --help/--cfg path
+
         if cfg.get("pipeline"):
             return _pipeline(cfg)
         return run(cfg).optimized_value

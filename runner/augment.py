@@ -6,7 +6,15 @@ from typing import Sequence
 import torch
 
 
-class Compose:
+class BatchTransform:
+    """The kind of object ``augmentation`` builds: called with a training batch on the
+    device, returns the transformed batch. Subclass it for a transform of your own."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Compose(BatchTransform):
     """Apply transforms in order. Its ``modalities`` and ``tasks`` are those every member
     accepts, so build.py checks a composition like a single transform."""
 
@@ -28,7 +36,7 @@ def _shared(transforms: Sequence, attribute: str) -> tuple[str, ...] | None:
     return tuple(value for value in declared[0] if all(value in other for other in declared[1:]))
 
 
-class GaussianNoise:
+class GaussianNoise(BatchTransform):
     """Add N(0, std^2) noise to every input value."""
 
     def __init__(self, std: float = 0.05):
@@ -38,7 +46,7 @@ class GaussianNoise:
         return x + self.std * torch.randn_like(x), y
 
 
-class RandomShift:
+class RandomShift(BatchTransform):
     """Shift each sample along its last one (signals) or two (images) axes by up to
     max_shift positions, filling with zeros."""
 
@@ -74,7 +82,7 @@ def _soft(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y if y.dim() > 1 else torch.nn.functional.one_hot(y, num_classes).to(torch.float32)
 
 
-class _BatchMix:
+class _BatchMix(BatchTransform):
     """With probability p per batch, mix every sample with another of the same batch (a
     random pairing) in proportion lam, drawn from Beta(alpha, alpha) and folded to
     lam >= 0.5 so the sample keeps its identity: as alpha -> 0, lam -> 1 and nothing changes.
@@ -133,7 +141,7 @@ class CutMix(_BatchMix):
 
 
 # ---------------------------------------------------------------- audio
-class RandomGain:
+class RandomGain(BatchTransform):
     """Scale each sample by its own gain, drawn uniformly between min_db and max_db decibels
     (amplitude x 10^(dB/20)): the same sound arrives louder or quieter."""
 
@@ -154,7 +162,7 @@ class RandomGain:
         return x * 10.0 ** (decibels / 20.0), y
 
 
-class SpecAugment:
+class SpecAugment(BatchTransform):
     """SpecAugment's masking (Park et al. 2019) on [..., F, T] spectrograms: per sample,
     freq_masks bands of min_freq_width..max_freq_width adjacent frequencies and time_masks
     bands of min_time_width..max_time_width adjacent frames, each of random width and place,
@@ -202,7 +210,7 @@ class SpecAugment:
         return ((position >= start) & (position < start + width)).any(dim=1)
 
 
-class PatchMasking:
+class PatchMasking(BatchTransform):
     """Zero round(ratio * patches) random non-overlapping patch_size x patch_size patches of
     every sample (all channels), a different set per sample. Sides that patch_size does not
     divide end in smaller edge patches, which count as patches too."""

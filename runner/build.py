@@ -2,11 +2,10 @@
 
 Runtime arguments (the model's parameters, the optimizer, the run's step count, class
 counts) are passed at build time to ``_partial_: true`` configs, never written into the
-config. Every target, at any depth, must match the allow-list before anything is built:
-runner's, torch's and torchmetrics' packages and ``allowed_targets`` from the config, less
-the parts of them that load code, unpickle or write files (DENIED_TARGETS); a target typed
-on the command line is trusted at the key it was typed for. Hydra's own execution whitelist
-(``_execution_whitelist_``) enforces the same list again inside instantiate.
+config. Every target, at any depth, is resolved and judged by runner.targets before anything
+is built (where it comes from, what it really is, whether it is the kind its key expects);
+Hydra's own execution whitelist (``_execution_whitelist_``) then admits exactly those targets
+inside instantiate.
 """
 
 import re
@@ -22,28 +21,20 @@ from runner.loop import Parts, plan
 from runner.distributed import is_rank_zero
 from runner.metrics import check_metric_name
 from runner.schema import objective_names
+from runner.targets import judge
 
-ALLOWED_TARGETS = ["runner.*", "torch.*", "torchmetrics.*", "optuna.pruners.*"]
-# inside the allowed packages, never from a config: these load or compile code, unpickle,
-# write files anywhere, open network services, or run whole jobs (a module or a function)
-DENIED_TARGETS = (
-    "torch.hub", "torch.load", "torch.save", "torch.serialization", "torch.jit.load", "torch.jit.save",
-    "torch.package", "torch.utils.cpp_extension", "torch.utils.model_zoo", "torch.ops", "torch.classes",
-    "torch.library", "torch.distributed", "torch.multiprocessing", "torch.export.load", "torch.export.save",
-    "torch.onnx", "torch._",
-    "runner.checkpoint", "runner.run", "runner.api", "runner.pipeline", "runner.build", "runner.bench",
-    "runner.compare", "runner.__main__",
-)
 SCHEDULER_INTERVALS = ("step", "epoch", "validation")
 _PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\.(\*|[A-Za-z_]\w*)")
 
 
 @dataclass(frozen=True)
 class AllowList:
-    """Which _target_s may be built: package patterns (``pkg.*``) or exact targets, and the
-    targets typed on the command line, each trusted at the key it was typed for only."""
+    """Which _target_s may be built: each is resolved and judged by runner.targets (where it
+    comes from, what it really is, its kind). ``patterns`` (``allowed_targets``: ``pkg.*`` or
+    exact targets) open packages that are not installed; a target typed on the command line is
+    trusted at the key it was typed for only."""
 
-    patterns: tuple[str, ...]
+    patterns: tuple[str, ...] = ()
     typed: dict[str, str] = field(default_factory=dict)  # "model._target_" -> "my_pkg.Net"
 
     @classmethod
@@ -60,33 +51,16 @@ class AllowList:
                     f"allowed_targets entry '{entry}' opens Python's standard library, whose functions run "
                     "commands and change files; wrap what you need in a function of your own package and allow that"
                 )
-        return cls(tuple(ALLOWED_TARGETS + extra), _typed_targets(command_line))
+        return cls(tuple(extra), _typed_targets(command_line))
 
-    def check(self, node: Any, key: str = "") -> None:
-        """Every _target_ in node, at any depth: refused with the key, before anything is built."""
+    def check(self, node: Any, key: str = "") -> list[str]:
+        """Judge every _target_ in node, at any depth, before anything is built; refused with
+        its key. Returns their names, for Hydra's execution whitelist."""
+        passed = []
         for target_key, target in _targets(node, key):
-            if self.typed.get(target_key) == target:
-                continue
-            if any(target == denied or target.startswith(denied if denied.endswith("_") else denied + ".") for denied in DENIED_TARGETS):
-                raise ConfigError(
-                    f"{target_key}='{target}' can load code or write files, so runner does not build it from a "
-                    f"config file; pick a model, loss or callback class instead (or type {target_key}={target} "
-                    "on the command line if you really mean it)"
-                )
-            if not any(target == entry or (entry.endswith(".*") and target.startswith(entry[:-1])) for entry in self.patterns):
-                package = target.split(".")[0]
-                fix = (
-                    f"allow its package with 'allowed_targets=[{package}.*]', or type {target_key}={target} on the command line"
-                    if package not in sys.stdlib_module_names else
-                    "it is in Python's standard library, which a config cannot open; wrap what you need in a "
-                    "function of your own package and allow that with 'allowed_targets=[my_pkg.*]'"
-                )
-                raise ConfigError(f"{target_key}='{target}' is not on the allow-list ({', '.join(self.patterns)}); {fix}")
-
-    def whitelist(self, key: str) -> list[str]:
-        """The list Hydra's instantiate enforces below key: the patterns and what was typed there."""
-        typed = [target for typed_key, target in self.typed.items() if typed_key.startswith(key + ".") and "." in target]
-        return list(self.patterns) + typed
+            verdict = judge(target, target_key, self.patterns, typed=self.typed.get(target_key) == target)
+            passed += [target, verdict.real_name]  # Hydra checks the name as written and where it resolves
+        return passed
 
 
 def _targets(node: Any, key: str) -> list[tuple[str, str]]:
@@ -253,9 +227,9 @@ def _make(node: Any, key: str, allowed: AllowList) -> Any:
     if not _has_target(node):
         raise ConfigError(f"{key} has no _target_; pick a file of conf/{key.split('.')[0]}/ or set {key}._target_")
     target = node._target_
-    allowed.check(node, key)
-    try:
-        return instantiate(node, _execution_whitelist_=allowed.whitelist(key))
+    judged = allowed.check(node, key)
+    try:  # Hydra's own whitelist then enforces exactly the targets judged above
+        return instantiate(node, _execution_whitelist_=judged)
     except Exception as error:  # hydra wraps the target's own error; show the real one
         raise _explain(error, key, target, node) from None
 
@@ -317,22 +291,34 @@ SAMPLERS = {
     "nsgaii": "optuna.samplers.NSGAIISampler",
     "grid": "optuna.samplers.GridSampler",
 }
-SWEEP_TARGETS = ["optuna.samplers.*", "optuna.pruners.*", "hydra_plugins.hydra_optuna_sweeper.*"]
 
 
 def build_sampler(sampler: Any, seed: int | None, grid_space: dict) -> Any:
     """An Optuna sampler from a hydra/sweeper/sampler config or a bare name (tpe, gp, ...)."""
-    if isinstance(sampler, str):
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"hydra.sweeper.sampler='{sampler}' is not a sampler; use one of {', '.join(SAMPLERS)}")
-        node = {"_target_": SAMPLERS[sampler]} | ({"seed": seed} if seed is not None else {})
-        if sampler == "grid":
-            node["_partial_"] = True
-        sampler = OmegaConf.create(node)
-    made = _make(sampler, "hydra.sweeper.sampler", AllowList(tuple(SWEEP_TARGETS)))
+    sampler = _sampler_config(sampler, seed)
+    made = _make(sampler, "hydra.sweeper.sampler", AllowList())
     # GridSampler is partial: it needs the grid, known only once the search space is parsed
     return made(grid_space) if _is_partial(sampler) else made
 
 
+def check_sweep_parts(sweeper: Any) -> None:
+    """Build the sampler (a grid sampler without its grid) and pruner of a hydra.sweeper
+    config once, before the sweep starts: bad input stops there, before a parent run or a
+    trial exists (runner.preflight)."""
+    _make(_sampler_config(sweeper.get("sampler"), sweeper.get("seed")), "hydra.sweeper.sampler", AllowList())
+    build_pruner(sweeper.get("pruner"))
+
+
+def _sampler_config(sampler: Any, seed: int | None) -> Any:
+    if not isinstance(sampler, str):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"hydra.sweeper.sampler='{sampler}' is not a sampler; use one of {', '.join(SAMPLERS)}")
+    node = {"_target_": SAMPLERS[sampler]} | ({"seed": seed} if seed is not None else {})
+    if sampler == "grid":
+        node["_partial_"] = True
+    return OmegaConf.create(node)
+
+
 def build_pruner(pruner: Any) -> Any:
-    return _make(pruner, "hydra.sweeper.pruner", AllowList(tuple(SWEEP_TARGETS))) if _has_target(pruner) else None
+    return _make(pruner, "hydra.sweeper.pruner", AllowList()) if _has_target(pruner) else None

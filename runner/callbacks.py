@@ -774,7 +774,9 @@ class TrainingCurves(Callback):
     across a resume, so the picture of a resumed run covers the whole run. Rank 0 draws."""
 
     def __init__(self, filename: str = "training_curves.png"):
-        self.filename = filename
+        from runner.job_guard import relative_path
+
+        self.filename = relative_path(filename, "callbacks.curves.filename")
         self.series: dict[str, dict[str, list]] = {}  # name -> {"steps": [...], "values": [...]}
 
     def on_log(self, loop, metrics):

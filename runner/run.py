@@ -21,7 +21,7 @@ from runner.errors import ConfigError, Interrupted, Pruned, RunnerError
 from runner.loop import Loop
 from runner.metrics import check_metric_name
 from runner.plots import confusion_matrix_png
-from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, mask_override, objective_names
+from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, mask_override, objective_names, remember_env_values
 from runner.state import seed_everything
 
 log = logging.getLogger("runner")
@@ -60,6 +60,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: lis
     seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
+    remember_env_values(cfg)  # what ${oc.env:...} reads is masked wherever the config is sent (schema.py)
     config = resolved(cfg)
     parts = build(cfg, info["overrides"], dist.world_size)
     loop = Loop(parts, cfg.trainer, device, info["output_dir"] / "checkpoints", config, dist)

@@ -115,12 +115,35 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------ secrets
 # What runner sends to a tracking store goes through mask_secrets (params) or mask_override
 # (the overrides tag), and text artifacts through redact, so a credential typed into a
-# config never leaves the machine. A key is a secret when its last component names one
-# (api_token, db_password, apiKey, client_secret, aws_access_key, credentials, ...).
+# config never leaves the machine. Three rules, each applied wherever a value goes:
+# * a key is a secret when its last component names one, as a word of it (api_token,
+#   db_password, apiKey, client_secret, aws_access_key, credentials, ssh_passphrase,
+#   authorization, webhook_url, ...); pat, dsn, cookie and session (or session_id) count only
+#   as the name's last word (github_pat, sentry_dsn, auth_cookie), because as its first word
+#   they name a setting (session_length, cookie_name), and path, patience, pattern are other words;
+# * a value is partly secret, whatever its key, where it holds a credential in a known shape:
+#   the password of scheme://user:password@host, a credential query parameter (?token=,
+#   &api_key=, ?key=, ?sig=), the path after a webhook's hooks/ or webhooks/ segment or on a
+#   hooks.* host (Slack, Discord), and the token after "Bearer ";
+# * a value read from the environment by ${oc.env:NAME} is a secret at its key and wherever
+#   its text appears (remember_env_values, called with the unresolved job config).
 MASK = "***"
-_SECRET_KEY = re.compile(r"(?:^|_)(?:token|password|passwd|secret|api_?key|access_?key|private_?key|credentials?)(?:$|_)")
+_SECRET_KEY = re.compile(
+    r"(?:^|_)(?:token|password|passwd|passphrase|secret|authorization|api_?key|access_?key|private_?key"
+    r"|credentials?|webhooks?)(?:$|_)"
+    r"|(?:^|_)(?:pat|dsn|cookies?|session(?:_?id)?)$"
+)
 # scheme://user:password@host: the password part (userinfo cannot hold an unescaped / or @)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s/]+)@", re.IGNORECASE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.\-]*://[^\s'\"<>]+", re.IGNORECASE)
+_BEARER = re.compile(r"\bbearer\s+(?P<token>[A-Za-z0-9\-._~+/]{8,}=*)", re.IGNORECASE)
+# query parameters that carry a credential besides the secret key names (Google's ?key=, signed URLs' sig)
+_QUERY_SECRETS = ("key", "sig", "signature", "auth")
+_HOOK_SEGMENT = re.compile(r"(?:web)?hooks?|webhook\w*", re.IGNORECASE)
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")
+# what ${oc.env:...} put into this process's job configs: the keys (paths) and the values
+_env_keys: set[tuple] = set()
+_env_values: set[str] = set()
 
 
 def is_secret_key(key: str) -> bool:
@@ -130,22 +153,115 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(name))
 
 
+def _url_spans(url: str, offset: int) -> list[tuple[int, int]]:
+    """Where a URL holds a credential: credential query values and a webhook's secret path."""
+    spans = []
+    rest_start = url.index("://") + 3
+    end_of_path = next((i for i, char in enumerate(url) if char in "?#" and i >= rest_start), len(url))
+    slash = url.find("/", rest_start, end_of_path)
+    host = url[rest_start : slash if slash >= 0 else end_of_path].rpartition("@")[2].lower()
+    if slash >= 0 and url.lower().startswith(("http://", "https://")):
+        if host.startswith("hooks.") or "webhook" in host:  # hooks.slack.com/services/T../B../secret
+            start = slash + 1
+        else:  # discord.com/api/webhooks/<id>/<token>, example.com/hooks/<secret>
+            start, position = None, slash + 1
+            for segment in url[slash + 1 : end_of_path].split("/"):
+                position += len(segment) + 1
+                if _HOOK_SEGMENT.fullmatch(segment):
+                    start = position
+                    break
+        if start is not None and start < end_of_path:
+            spans.append((offset + start, offset + end_of_path))
+    if end_of_path < len(url) and url[end_of_path] == "?":
+        query_end = url.find("#", end_of_path)
+        query_end = len(url) if query_end < 0 else query_end
+        position = end_of_path + 1
+        for pair in re.split(r"[&;]", url[end_of_path + 1 : query_end]):
+            name, equals, value = pair.partition("=")
+            if equals and value and (is_secret_key(name) or name.lower() in _QUERY_SECRETS):
+                start = position + len(name) + 1
+                spans.append((offset + start, offset + start + len(value)))
+            position += len(pair) + 1
+    return spans
+
+
+def _secret_spans(text: str) -> list[tuple[int, int]]:
+    """Where a text holds a credential in a known shape, as sorted, non-overlapping spans."""
+    spans = [match.span("password") for match in _URL_PASSWORD.finditer(text)]
+    spans += [match.span("token") for match in _BEARER.finditer(text)]
+    for match in _URL.finditer(text):
+        spans += _url_spans(match.group(), match.start())
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def mask_url(text: str) -> str:
-    """scheme://user:password@host -> scheme://user:***@host, anywhere in text."""
-    return _URL_PASSWORD.sub(lambda match: f"{match['head']}{MASK}@", text) if isinstance(text, str) else text
+    """The credentials in a text masked: scheme://user:password@host -> scheme://user:***@host,
+    ?token=abc -> ?token=***, https://hooks.slack.com/services/... -> https://hooks.slack.com/***,
+    Bearer abc... -> Bearer ***."""
+    if not isinstance(text, str):
+        return text
+    for start, end in reversed(_secret_spans(text)):
+        text = text[:start] + MASK + text[end:]
+    return text
 
 
-def mask_secrets(config: Any) -> Any:
-    """A copy of a nested config in which the values of secret keys (whole subtrees) are
-    MASK and URL passwords are masked; unset values (null, "") stay as they are."""
+def remember_env_values(config: Any) -> None:
+    """Note what ${oc.env:NAME} interpolations in an unresolved job config read: their keys
+    and the variables' values become secrets for mask_secrets and secret_values. Call it with
+    the config before it is resolved (runner.run does); what Hydra writes to .hydra/ keeps the
+    ${oc.env:...} text, not the value."""
+    raw = OmegaConf.to_container(config, resolve=False) if OmegaConf.is_config(config) else config
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, (*path, str(key)))
+        elif isinstance(node, (list, tuple)):
+            for index, value in enumerate(node):
+                walk(value, (*path, index))
+        elif isinstance(node, str) and _ENV_REFERENCE.search(node):
+            _env_keys.add(path)
+            _env_values.update(_env_values_in(node))
+
+    walk(raw, ())
+
+
+def _env_values_in(text: str) -> list[str]:
+    """The values of the environment variables that ${oc.env:NAME} references in text read."""
+    import os
+
+    return [os.environ[name] for name in _ENV_REFERENCE.findall(text) if os.environ.get(name)]
+
+
+def _mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in sorted(_env_values, key=len, reverse=True):
+            if value == secret or len(secret) >= 3:
+                value = value.replace(secret, MASK)
+        return mask_url(value)
+    return value
+
+
+def mask_secrets(config: Any, _path: tuple = ()) -> Any:
+    """A copy of a nested config in which the values of secret keys and of keys set from
+    ${oc.env:...} (whole subtrees) are MASK and credentials inside values are masked; unset
+    values (null, "") stay as they are."""
     if isinstance(config, dict):
         return {
-            key: MASK if is_secret_key(key) and value not in (None, "") else mask_secrets(value)
+            key: MASK if (is_secret_key(key) or (*_path, str(key)) in _env_keys) and value not in (None, "")
+            else mask_secrets(value, (*_path, str(key)))
             for key, value in config.items()
         }
     if isinstance(config, (list, tuple)):
-        return [mask_secrets(value) for value in config]
-    return mask_url(config)
+        return [MASK if (*_path, index) in _env_keys and value not in (None, "") else mask_secrets(value, (*_path, index))
+                for index, value in enumerate(config)]
+    return _mask_value(config)
 
 
 def mask_override(override: str) -> str:
@@ -153,13 +269,14 @@ def mask_override(override: str) -> str:
     key, equals, value = str(override).partition("=")
     if equals and value and is_secret_key(key):
         return f"{key}={MASK}"
-    return key + equals + mask_url(value)
+    return key + equals + _mask_value(value)
 
 
 def secret_values(config: Any) -> list[str]:
-    """The secret strings in a nested config (values of secret keys, URL passwords), longest
-    first: what redact removes from text before it is uploaded."""
-    found: set[str] = set()
+    """The secret strings in a nested config (values of secret keys, credentials inside
+    values, what ${oc.env:...} read), longest first: what redact removes from text before it
+    is uploaded."""
+    found: set[str] = set(_env_values)
 
     def walk(node: Any, secret: bool) -> None:
         if isinstance(node, dict):
@@ -169,9 +286,11 @@ def secret_values(config: Any) -> list[str]:
             for value in node:
                 walk(value, secret)
         elif node not in (None, ""):
+            text = str(node)
             if secret:
-                found.add(str(node))
-            found.update(match["password"] for match in _URL_PASSWORD.finditer(str(node)))
+                found.add(text)
+            found.update(text[start:end] for start, end in _secret_spans(text))
+            found.update(_env_values_in(text))  # an unresolved config: ${oc.env:NAME}'s value
 
     walk(config, False)
     # a value of one or two characters would mangle every file it is removed from; the

@@ -16,6 +16,7 @@ and adds what the plugin lacks:
 * job numbers are trial numbers, so trial N lives in ``<sweep dir>/N``.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -152,8 +153,30 @@ class OptunaSearch(OptunaSweeperImpl):
             study_name=self.study_name, storage=self.storage, sampler=sampler, pruner=build_pruner(self.pruner_config),
             directions=self._get_directions(), load_if_exists=True,
         )
+        earlier = len(study.get_trials(deepcopy=False))
+        if earlier and (continued := self._continued_sampler(earlier, grid)) is not None:
+            study.sampler = continued
         log.info("study %s in %s: %s, %s, %d trials", study.study_name, self.storage, type(sampler).__name__, self._get_directions(), self.n_trials)
         return study, space, fixed, fixed_overrides
+
+    def _continued_sampler(self, earlier: int, grid: dict) -> Any:
+        """The sampler for a study that already holds `earlier` trials, or None to keep the one
+        built. A seeded sampler built anew replays its stream from the start: a resumed TPE sweep
+        would ask again for the parameters of its first trials. Seeded from the seed and the
+        number of trials instead, it draws a fresh stream that the same resume reproduces.
+        QMCSampler numbers its points in the study itself and so continues as it is."""
+        from runner.build import SAMPLERS, build_sampler
+
+        named = isinstance(self.sampler, str)
+        seed = self.seed if named else OmegaConf.select(self.sampler, "seed", default=None)
+        target = SAMPLERS.get(self.sampler, "") if named else str(OmegaConf.select(self.sampler, "_target_", default=""))
+        if seed is None or target.endswith("QMCSampler"):
+            return None
+        continued_seed = resumed_seed(int(seed), earlier)
+        log.info("study resumed after %d trials: sampler seed %d (from seed %d and the trial count)", earlier, continued_seed, seed)
+        if named:
+            return build_sampler(self.sampler, continued_seed, grid)
+        return build_sampler(OmegaConf.merge(self.sampler, {"seed": continued_seed}), None, grid)
 
     def _is_grid(self) -> bool:
         if isinstance(self.sampler, str):
@@ -227,6 +250,15 @@ class OptunaSearch(OptunaSweeperImpl):
                 file=sys.stderr,
             )
             raise SystemExit(1)
+
+
+def resumed_seed(seed: int, earlier_trials: int) -> int:
+    """The sampler seed of a sweep that resumes a study holding `earlier_trials` trials: the
+    seed itself for a new study, else a 32-bit hash of both (a plain seed + trials would make
+    a resume of seed 0 replay a new sweep of seed 3)."""
+    if earlier_trials == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{earlier_trials}".encode()).digest()[:4], "little")
 
 
 def _output_dir(result) -> str | None:

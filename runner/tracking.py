@@ -8,14 +8,20 @@ answering never stops training: the values stay buffered and are retried, and wh
 be sent (or a run that could not be closed) is reported in one line at the end.
 """
 
+import base64
 import contextlib
+import errno
 import logging
 import os
+import re
+import resource
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.callbacks import Callback
 from runner.distributed import is_rank_zero
 from runner.errors import ConfigError
+from runner.job_guard import relative_path
 from runner.schema import flatten, mask_override, mask_secrets, mask_url, objective_names, redact, secret_values
 
 log = logging.getLogger("runner")
@@ -65,7 +72,8 @@ def connect(tracking_uri: str, experiment_name: str, required: bool = True):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     source = _uri_source(tracking_uri)
     shown = mask_url(tracking_uri)
-    problem = _unreachable(tracking_uri)
+    store_uri = credentials_to_environment(tracking_uri)
+    problem = _unreachable(store_uri)
     message = (
         f"{source}='{shown}' is unreachable ({problem}); start a server there "
         "(mlflow server --host 127.0.0.1 --port <port>), or unset logger.tracking_uri and "
@@ -75,26 +83,139 @@ def connect(tracking_uri: str, experiment_name: str, required: bool = True):
         from mlflow.tracking import MlflowClient
 
         try:
-            with _store_lock(tracking_uri):
-                client = MlflowClient(tracking_uri)
-                experiment = client.get_experiment_by_name(experiment_name)
-                experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+            with _store_lock(store_uri):
+                created = _new_sqlite_file(store_uri)
+                try:
+                    client = MlflowClient(store_uri)
+                    experiment_id = _experiment_id(client, experiment_name)
+                except Exception:
+                    _remove_partial_store(created)
+                    raise
             return client, experiment_id
         except Exception as error:  # an unknown scheme, missing credentials, a foreign database
-            scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else ""
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if scheme and scheme not in STORE_SCHEMES:
-                reason = f"unknown scheme '{scheme}'; MLflow stores are {', '.join(STORE_SCHEMES)}"
-            reason = mask_url(reason)
-            message = (
-                f"{source}='{shown}' is not a tracking store MLflow can open ({reason[:200]}); use "
-                "sqlite:///<path>/mlflow.db or http://<host>:<port>, or unset logger.tracking_uri and "
-                "MLFLOW_TRACKING_URI to use the local store, or pass logger.required=false to train untracked"
-            )
+            message = _unusable_store_message(source, shown, tracking_uri, error)
     if required:
         raise ConfigError(message)
     log.warning("%s; training without tracking", message)
     return None, None
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created when missing. Jobs that start together all find it missing
+    and all create it: the store keeps one and answers the others RESOURCE_ALREADY_EXISTS (by
+    its error code, whatever the store's wording), and those read it back."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:  # created and deleted again in between: nothing sensible to join
+            raise
+        log.info("MLflow experiment '%s' was created by another job at the same moment; using it", name)
+        return experiment.experiment_id
+
+
+def _unusable_store_message(source: str, shown: str, tracking_uri: str, error: Exception) -> str:
+    if _out_of_space(error):
+        return _unwritable_store_message(source, shown, tracking_uri, error)
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else ""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if scheme and scheme not in STORE_SCHEMES:
+        reason = f"unknown scheme '{scheme}'; MLflow stores are {', '.join(STORE_SCHEMES)}"
+    reason = mask_url(reason)[:200]
+    status = getattr(error, "get_http_status_code", lambda: None)()
+    if scheme in ("http", "https") and status in (401, 403):
+        return (
+            f"{source}='{shown}' refused the credentials (HTTP {status}); give the server's user and "
+            "password as http://<user>:<password>@<host>:<port> or in MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or pass logger.required=false to train untracked"
+        )
+    return (
+        f"{source}='{shown}' is not a tracking store MLflow can open ({reason}); use "
+        "sqlite:///<path>/mlflow.db or http://<host>:<port>, or unset logger.tracking_uri and "
+        "MLFLOW_TRACKING_URI to use the local store, or pass logger.required=false to train untracked"
+    )
+
+
+# what a full disk or a file-size limit (ulimit -f) looks like from MLflow's sqlite store
+_OUT_OF_SPACE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
+_OUT_OF_SPACE_WORDS = ("disk i/o error", "database or disk is full", "file too large", "no space left", "quota exceeded")
+
+
+def _out_of_space(error: BaseException) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        if any(words in str(error).lower() for words in _OUT_OF_SPACE_WORDS):
+            return True
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return False
+
+
+def _unwritable_store_message(source: str, shown: str, tracking_uri: str, error: Exception) -> str:
+    """A sqlite store that could not be written: a full disk or a file-size limit. The
+    default store is named as such: the user never typed its URI."""
+    default = os.environ.get("MLFLOW_TRACKING_URI") != tracking_uri and tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    database = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+    subject = f"the default MLflow store {database} (logger.tracking_uri is not set)" if default else f"{source}='{shown}'"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if database is None:  # a server's store: its disk
+        why = "the store's disk is full"
+    elif limit != resource.RLIM_INFINITY:
+        why = f"this process may write files of at most {limit} bytes: ulimit -f"
+    else:
+        folder = next((path for path in database.parents if path.exists()), Path.cwd())
+        why = f"{shutil.disk_usage(folder).free // 2**20} MiB free on its disk"
+    reason = mask_url(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    reason = re.sub(r"^\([\w.]+\)\s*", "", reason)[:120]  # SQLAlchemy's "(sqlite3.OperationalError) "
+    return (
+        f"{subject} could not be written ({reason}; {why}); free disk space or raise the file-size limit "
+        "(ulimit -f), or set logger.tracking_uri=sqlite:///<path on a disk with room>/mlflow.db (or an "
+        "http://<host>:<port> server), or pass logger.required=false to train untracked"
+    )
+
+
+def _new_sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite store that does not exist yet (this job will create it)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return None if database.exists() else database
+
+
+def _remove_partial_store(database: Path | None) -> None:
+    """Remove a sqlite store this job created and could not finish (e.g. on a full disk), and
+    its journal files; a store that was there before is never touched."""
+    if database is None:
+        return
+    for path in (database, *(database.with_name(database.name + suffix) for suffix in ("-journal", "-wal", "-shm"))):
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def credentials_to_environment(tracking_uri: str) -> str:
+    """http(s)://user:password@host:port -> http(s)://host:port, with the user and password
+    handed to MLflow the way it takes basic auth: MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (set in this process, so its later jobs and the processes it
+    starts have them too). Left in the URI, the password would reach MLflow's own messages
+    ("API request to http://user:password@... failed"). Other URIs come back as they are."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return tracking_uri
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _uri_source(tracking_uri: str) -> str:
@@ -105,13 +226,25 @@ def _uri_source(tracking_uri: str) -> str:
 
 
 def _unreachable(tracking_uri: str) -> str | None:
+    """Why an http(s) store does not answer GET /health, or None. The request goes to the
+    URI's host and port, never to a user:password@ part, and carries the credentials as MLflow
+    sends them (basic auth), in case a proxy in front of the server guards /health too."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
+    parts = urllib.parse.urlsplit(tracking_uri)
+    health = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(health)
+    username = urllib.parse.unquote(parts.username) if parts.username else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if username and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return None if response.status == 200 else f"GET /health answered {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"GET /health answered {error.code}"
     except (urllib.error.URLError, OSError) as error:
-        return str(getattr(error, "reason", error))
+        return mask_url(str(getattr(error, "reason", error)))
 
 
 @contextlib.contextmanager
@@ -391,7 +524,8 @@ class TensorBoardLogger(Callback):
                 f"logger: '{__name__}.TensorBoardLogger' needs the tensorboard package, which is not "
                 "installed; install it with pip install 'runner[tensorboard]', or use logger=mlflow"
             ) from None
-        self.log_dir, self.flush_secs = log_dir, flush_secs
+        self.log_dir = relative_path(log_dir or "tensorboard", "logger.log_dir")  # inside the output directory
+        self.flush_secs = flush_secs
         self.writer = None
 
     def on_fit_start(self, loop):
@@ -399,7 +533,7 @@ class TensorBoardLogger(Callback):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        path = Path(self.log_dir) if self.log_dir else loop.info["output_dir"] / "tensorboard"
+        path = loop.info["output_dir"] / self.log_dir
         # a resumed job adds an event file to the same directory; TensorBoard reads them as one run
         self.writer = SummaryWriter(str(path), flush_secs=self.flush_secs)
         config = mask_secrets(loop.config)
@@ -476,11 +610,23 @@ def _tags(loop) -> dict[str, str]:
 def _git() -> dict[str, str]:
     """Commit and dirty flag of the git checkout the job was launched from, if any."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = _run_git("rev-parse", "HEAD", timeout=5)
+        dirty = _run_git("status", "--porcelain", "--untracked-files=no", timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def _run_git(*args: str, timeout: float) -> str:
+    """git with nothing a config or the environment can steer: a clean environment (no GIT_*,
+    no HOME or XDG config, no system config), no fsmonitor command, no hooks, no pager."""
+    git = shutil.which("git", path=os.defpath) or shutil.which("git") or "git"  # the system's first
+    environment = {"PATH": os.defpath, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0",
+                   "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    command = [git, "-c", "core.fsmonitor=false", "-c", f"core.hooksPath={os.devnull}", "-c", "core.pager=cat",
+               "--no-pager", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True, env=environment,
+                          stdin=subprocess.DEVNULL).stdout.strip()
 
 
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".log", ".txt", ".md", ".csv")
@@ -649,6 +795,6 @@ def tag_job_run(job_config: DictConfig | None, output_dir: str | None, tags: dic
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(default_tracking_uri(logger.tracking_uri)).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        MlflowClient(credentials_to_environment(default_tracking_uri(logger.tracking_uri))).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     except Exception as error:
         log.warning("could not tag MLflow run %s: %s", run_id, error)

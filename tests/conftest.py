@@ -38,6 +38,11 @@ def _private_temp(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # runner.tracking.connect hands a URI's user:password to MLflow through these two: set
+    # first so that monkeypatch undoes what a test's in-process connect() leaves behind
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def compose_config(overrides=(), return_hydra_config=False):
@@ -58,14 +63,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(root: Path, admin_password: str | None = None) -> tuple[subprocess.Popen, str]:
     """A real `mlflow server` on a free loopback port, in its own session (so a test may kill
-    its whole process group); returns the process and its URI once /health answers."""
+    its whole process group); returns the process and its URI once /health answers.
+
+    With admin_password, MLflow's basic-auth app (mlflow[auth], Flask-WTF) guards every API
+    call: only the user "admin" with that password (12 characters at least) gets in."""
     port = free_port()
     environment = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    auth = []
+    if admin_password is not None:
+        config = root / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
+            f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        environment.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY="runner-tests"
+        )
+        auth = ["--app-name", "basic-auth"]
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *auth,
             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
         ],
         cwd=root, env=environment, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,

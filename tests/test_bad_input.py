@@ -7,6 +7,7 @@ import hashlib
 import re
 import socket
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,8 @@ class Case:
     env: dict = field(default_factory=dict)
     store: bool = True  # logger.tracking_uri=sqlite:///<case dir>/mlflow.db
     needs_mlp: bool = False  # the case uses a real checkpoint of an MLP (trained once per module)
+    prelude: str | None = None  # Python run before runner, in its process (limits, capabilities)
+    absent: tuple[str, ...] = ()  # files in the case directory that must not exist afterwards
 
 
 def _npz(name: str, **arrays) -> Callable[[Path, Path | None], list[str]]:
@@ -86,6 +89,59 @@ def _unreachable(directory: Path, mlp: Path | None) -> list[str]:
     return [f"logger.tracking_uri=http://127.0.0.1:{port}", "logger.required=true"]
 
 
+def _under_a_file(directory: Path, mlp: Path | None) -> list[str]:
+    (directory / "notes.txt").write_text("a file where a directory was meant\n")
+    return ["hydra.run.dir=notes.txt/out"]
+
+
+def _read_only(*template: str) -> Callable[[Path, Path | None], list[str]]:
+    """Arguments naming a directory 'locked' that nobody may write (mode 0o555)."""
+
+    def make(directory: Path, mlp: Path | None) -> list[str]:
+        (directory / "locked").mkdir()
+        (directory / "locked").chmod(0o555)
+        return list(template)
+
+    return make
+
+
+def _flat_x(directory: Path, mlp: Path | None) -> list[str]:
+    np.savez(directory / "flat.npz", x=np.linspace(0, 1, 40).astype("float32"), y=np.arange(40) % 2)
+    return ["data=tensors", "data.path=flat.npz", "model=mlp"]
+
+
+def _nan_x(directory: Path, mlp: Path | None) -> list[str]:
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+    x[3, 1], x[5, 2], x[7, 0] = np.nan, np.nan, np.inf
+    np.savez(directory / "nan.npz", x=x, y=np.arange(40) % 2)
+    return ["data=tensors", "data.path=nan.npz", "model=mlp"]
+
+
+# Python run in the job's own process before runner starts (run_cli's executable), then exec'd
+# into `python -m runner ARGS`: limits and dropped capabilities carry over the exec.
+_EXEC_RUNNER = "os.execv(sys.executable, [sys.executable, '-m', 'runner', *sys.argv[1:]])"
+# root writes into a mode-0o555 directory regardless: drop the capabilities that allow it
+# (DAC override, DAC read-search, fowner) from the bounding set, so the exec'd runner lacks
+# them, as an ordinary user would. 77: this machine does not let us (no CAP_SETPCAP).
+WITHOUT_ROOTS_OVERRIDE = f"""
+import ctypes, os, sys
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            sys.exit(77)
+{_EXEC_RUNNER}
+"""
+# a file-size limit (ulimit -f) that the MLflow database outgrows while it is created; with
+# SIGXFSZ ignored the write fails with EFBIG, as a full disk fails it with ENOSPC
+FILE_SIZE_LIMIT = f"""
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+{_EXEC_RUNNER}
+"""
+
+
 def _args(*arguments: str) -> Callable[[Path, Path | None], list[str]]:
     return lambda directory, mlp: list(arguments)
 
@@ -115,19 +171,31 @@ CASES = {
         ERROR + r"scheduler\.interval=validation needs scheduler\.monitor, e\.g\. scheduler\.monitor=val/loss",
     ),
     "unknown metric": Case(_args("optimized_metric=val/accuracy"), 2, ERROR + r"optimized_metric='val/accuracy' is not a metric this run reports; use one of train/loss"),
+    "an int for a list": Case(
+        _args("model.channels=32"), 2,
+        ERROR + r"model\.channels=32 is not a list of layer widths; give a list of positive integers, e\.g\. model\.channels=\[32,64\]",
+    ),
     "foreign keys for own model": Case(
         _args("model._target_=runner_test_helpers.TinyNet", "+model.width=8"), 2,
         ERROR + r"model: 'runner_test_helpers\.TinyNet' does not take channels=\[32, 64\]; drop it with ~model\.channels",
     ),
     "target not allowed": Case(
         _foreign_target, 2,
-        ERROR + r"model\._target_='os\.system' is not on the allow-list \(runner\.\*, .*\); it is in Python's standard library, which a config cannot open; wrap what you need in a function of your own package",
+        ERROR + r"model\._target_='os\.system' is in Python's standard library, which a config cannot open; model must be a torch\.nn\.Module class",
     ),
     # ------------------------------------------------------------------ data files
     "missing file": Case(_args("data=tensors", "data.path=nowhere.npz"), 2, ERROR + r"data\.path='nowhere\.npz': no such file; give data\.path=<file>"),
     "not an npz": Case(_not_npz, 2, ERROR + r"data\.path='notes\.npz' could not be read \(not a \.npz file of plain arrays: .*\); give data\.path=<file> holding arrays x"),
     "npz without x, y": Case(_npz("foreign.npz", a=np.zeros(3), b=np.zeros(3)), 2, ERROR + r"data\.path='foreign\.npz' has no array x or y \(found: \['a', 'b'\]\); give data\.path=<file>"),
     "x/y lengths": Case(_npz("bad.npz", x=np.zeros((10, 4), "float32"), y=np.zeros(9, "int64")), 2, ERROR + r"data\.path='bad\.npz': x has 10 samples but y has 9; x and y must have the same length"),
+    "1-D x": Case(
+        _flat_x, 2,
+        ERROR + r"data\.path='flat\.npz': x has shape \(40,\), but x must hold samples first .*e\.g\. shape \(N, features\) for tabular data or \(N, C, H, W\) for images",
+    ),
+    "NaN in x": Case(
+        _nan_x, 2,
+        ERROR + r"data\.path='nan\.npz': array x holds 2 NaN and 1 inf values, in 3 samples \(train: \d of \d+, val: \d of \d+, test: \d of \d+\); remove or fill them before training",
+    ),
     "float labels": Case(
         _npz("float_y.npz", x=np.zeros((40, 4), "float32"), y=np.linspace(0, 1, 40).astype("float32")), 2,
         ERROR + r"data\.path='float_y\.npz': y must be non-empty non-negative integer class labels \(got dtype float32\); give data\.path=<file>",
@@ -167,6 +235,10 @@ CASES = {
         _args("-m", "hparams_search=optuna_tpe", "hydra.sweeper.sampler=foo"), 2,
         ERROR + r"hydra\.sweeper\.sampler='foo' is not a sampler; use one of tpe, random",
     ),
+    "sampler that is no sampler": Case(
+        _args("-m", "hparams_search=optuna_tpe", "hydra.sweeper.sampler._target_=optuna.pruners.MedianPruner"), 2,
+        ERROR + r"hydra\.sweeper\.sampler\._target_='optuna\.pruners\.MedianPruner'.*sampler",
+    ),
     "unknown metric in a sweep": Case(
         _args("-m", "hparams_search=optuna_tpe", "optimized_metric=val/nope"), 2,
         ERROR + r"optimized_metric='val/nope' is not a metric this run reports; use one of train/loss",
@@ -187,13 +259,32 @@ CASES = {
         ERROR + r"MLFLOW_TRACKING_URI='foo://bar' is not a tracking store MLflow can open \(unknown scheme 'foo'; .*\); use sqlite:///<path>/mlflow\.db",
         env={"MLFLOW_TRACKING_URI": "foo://bar"}, store=False,
     ),
+    "output directory under a file": Case(
+        _under_a_file, 2,
+        ERROR + r"hydra\.run\.dir='notes\.txt/out' cannot be written \('notes\.txt' is a file, not a directory\); pick a directory you can write, e\.g\. hydra\.run\.dir=outputs/",
+    ),
+    "read-only output directory": Case(
+        _read_only("hydra.run.dir=locked/out"), 2,
+        ERROR + r"hydra\.run\.dir='locked/out' cannot be written \(permission denied: 'locked' is not writable\); pick a directory you can write, e\.g\. hydra\.run\.dir=outputs/",
+        prelude=WITHOUT_ROOTS_OVERRIDE,
+    ),
+    "read-only sweep directory": Case(
+        _read_only("-m", "hydra.sweep.dir=locked/sweep", "trainer.max_epochs=1,2"), 2,
+        ERROR + r"hydra\.sweep\.dir='locked/sweep' cannot be written \(permission denied: 'locked' is not writable\); pick a directory you can write, e\.g\. hydra\.sweep\.dir=multirun/",
+        prelude=WITHOUT_ROOTS_OVERRIDE,
+    ),
+    "default store over the file-size limit": Case(
+        _args(), 2,
+        ERROR + r"the default MLflow store \S+/mlflow\.db \(logger\.tracking_uri is not set\) could not be written \(.*; this process may write files of at most 200000 bytes: ulimit -f\); free disk space or raise the file-size limit .*set logger\.tracking_uri=",
+        store=False, prelude=FILE_SIZE_LIMIT, absent=("mlflow.db",),
+    ),
     "no cuda": Case(_args("trainer.device=cuda"), 2, ERROR + r"trainer\.device='cuda' but CUDA is not available on this machine; use trainer\.device=cpu or auto"),
 }
 
 
 def test_the_table_covers_every_group():
     assert len(CASES) >= 20
-    assert len(CASES) == 32
+    assert len(CASES) == 40
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +322,10 @@ def test_bad_input_gets_one_clear_message(tmp_path, name, request):
     before = _digests(tmp_path)
 
     # the case's own arguments last: they win over FAST (trainer.device=cuda over cpu)
-    result = run_cli([*data, *FAST, *store, *args], cwd=tmp_path, env=case.env, timeout=120)
+    executable = [sys.executable, "-c", case.prelude] if case.prelude else None
+    result = run_cli([*data, *FAST, *store, *args], cwd=tmp_path, env=case.env, timeout=120, executable=executable)
+    if case.prelude == WITHOUT_ROOTS_OVERRIDE and result.returncode == 77:
+        pytest.skip("running as root, and root's write-anywhere capabilities cannot be dropped here")
 
     assert result.returncode == case.code, result.stderr
     assert re.search(case.message, result.stderr), result.stderr
@@ -248,3 +342,32 @@ def test_bad_input_gets_one_clear_message(tmp_path, name, request):
     assert not (tmp_path / "pwned").exists()
     running = [run for run in _runs(tmp_path / "mlflow.db") if run[1] == "RUNNING"]
     assert not running, running
+    for name in case.absent:  # e.g. a partial store this run created
+        assert not (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("model, key, value, shown, fix", [
+    ("CNN", "channels", 32, "32", "[32,64]"),
+    ("CNN", "channels", ["32", 64], "['32', 64]", "[32,64]"),
+    ("MLP", "hidden", 128, "128", "[128,64]"),
+    ("PINN", "hidden", 32, "32", "[32,32,32]"),
+    ("ResNet", "widths", 32, "32", "[32,64]"),
+    ("ResNet", "widths", [], "[]", "[32,64]"),
+    ("ViT", "dim", [64], "[64]", "64"),
+    ("ViT", "depth", "abc", "'abc'", "2"),
+    ("MLP", "dropout", [0.1], "[0.1]", "0.1"),
+], ids=str)
+def test_a_model_argument_of_the_wrong_type_is_named_with_its_fix(model, key, value, shown, fix):
+    """Every model checks its arguments' types: the key, the value and an example, not
+    "'int' object is not iterable" from inside its constructor."""
+    from omegaconf import OmegaConf
+
+    from runner import models
+    from runner.errors import ConfigError
+
+    shape = [1] if model == "PINN" else [1, 8, 8]
+    argument = OmegaConf.create({key: value})[key] if isinstance(value, list) else value  # as Hydra passes it
+    with pytest.raises(ConfigError) as error:
+        getattr(models, model)(shape, 10, **{key: argument})
+    assert str(error.value).startswith(f"model.{key}={shown} is not ")
+    assert str(error.value).endswith(f"e.g. model.{key}={fix}")

@@ -1,5 +1,7 @@
 """The benchmark's machinery works (its figures are printed by `python -m runner.bench`, not asserted)."""
 
+import pytest
+
 from runner import bench
 
 
@@ -7,7 +9,8 @@ def test_loop_ratio_measures_both_loops():
     # enough steps that the difference of the two timings is not lost in a loaded machine's noise
     result = bench.loop_ratio(bench.MLP, (10, 410), repeats=1)
     assert result["runner_ms_per_step"]["median"] > 0 and result["baseline_ms_per_step"]["median"] > 0
-    assert result["ratio"]["median"] == result["runner_ms_per_step"]["median"] / result["baseline_ms_per_step"]["median"]
+    # the same quotient, up to the last bit (ms = s * 1e3 on both sides)
+    assert result["ratio"]["median"] == pytest.approx(result["runner_ms_per_step"]["median"] / result["baseline_ms_per_step"]["median"], rel=1e-12)
 
 
 def test_svc_baseline_uses_runners_split():

@@ -162,7 +162,7 @@ def test_tensorboard_and_mlflow_get_the_same_metrics(tmp_path, monkeypatch):
         key: sorted((m.step, pytest.approx(m.value, rel=1e-6)) for m in client.get_metric_history(mlflow_run.info.run_id, key))
         for key in mlflow_run.data.metrics
     }
-    written = scalars("tb")  # a relative log_dir is taken from the working directory
+    written = scalars(tmp_path / "out" / "tb")  # a relative log_dir is inside the output directory
     assert {key: sorted(values) for key, values in written.items()} == in_mlflow
     assert written["test/acc"] == [(12, pytest.approx(result.metrics["test/acc"], rel=1e-6))]
 

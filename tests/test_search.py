@@ -96,6 +96,30 @@ def test_an_interrupted_sweep_resumes_without_redoing_trials(tmp_path):
     assert sorted(int(run.data.tags["optuna.trial.number"]) for run in children) == [0, 1, 2, 3, 4]
 
 
+def test_a_resumed_tpe_sweep_draws_new_parameters_and_both_halves_reproduce(tmp_path):
+    """Issue 14.8: a seeded sampler built anew on resume replayed its stream, so trials 3-5
+    repeated trials 0-2 (TPE samples at random for its first 10 trials). The resume must draw
+    new parameters, and a sweep run again from scratch must still give the same ones."""
+    sweep = ["-m", "hparams_search=optuna_tpe", "logger=none", *TINY, "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "hydra.sweeper.sampler.seed=7"]
+
+    def run_and_resume(directory: Path) -> list[tuple]:
+        directory.mkdir()
+        first = run_cli([*sweep, "hydra.sweeper.n_trials=3"], cwd=directory)
+        assert first.returncode == 0, first.stderr[-3000:]
+        resumed = run_cli([*sweep, "hydra.sweeper.n_trials=6"], cwd=directory)  # same study: 3 more
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming study" in resumed.stdout
+        study, _ = _study(directory)
+        assert _states(study) == ["COMPLETE"] * 6 and [t.number for t in study.trials] == list(range(6))
+        return [tuple(sorted(trial.params.items())) for trial in study.trials]
+
+    params = run_and_resume(tmp_path / "a")
+    assert len({dict(p)["optimizer.lr"] for p in params}) == 6  # a log-uniform float: an honest draw never repeats
+    assert len(set(params)) == 6, params
+    again = run_and_resume(tmp_path / "b")
+    assert again == params  # the same seed gives the same first half, and the same resume the same second
+
+
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     result = run_cli(["-m", "--config-dir", CONF, "hparams_search=tiny_failing"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

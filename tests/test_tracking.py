@@ -1,17 +1,19 @@
 """MLflow, for real: a local sqlite store and a real `mlflow server`, read back with MlflowClient."""
 
 import csv
+import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from runner.schema import flatten
-from runner.tracking import MAX_PARAM_LENGTH, TRUNCATED, _truncate
-from tests.conftest import free_port, run_cli
+from runner.tracking import MAX_PARAM_LENGTH, TRUNCATED, _truncate, _unreachable, credentials_to_environment
+from tests.conftest import HELPERS, free_port, run_cli, start_mlflow_server, stop_mlflow_server
 
 # 179 training samples / 32 = 6 steps per epoch
 SMALL = ["data=synthetic", "data.num_samples=256", "model=mlp", "trainer.device=cpu", "trainer.log_every_n_steps=1"]
@@ -35,6 +37,15 @@ def test_params_are_flattened_and_long_values_truncated():
     long = _truncate("a" * (MAX_PARAM_LENGTH + 100))
     assert len(long) == MAX_PARAM_LENGTH and long.endswith(TRUNCATED)
     assert _truncate("short") == "short"
+
+
+def test_credentials_in_a_server_uri_go_to_mlflow_and_the_probe_asks_the_real_host():
+    # percent-encoded as a URI must hold them: '@' in the password, ':' in the user
+    uri = f"http://b%3Ab:p%40ss@127.0.0.1:{free_port()}/prefix"
+    assert credentials_to_environment(uri) == uri.replace("b%3Ab:p%40ss@", "")
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("b:b", "p@ss")
+    assert "refused" in _unreachable(uri)  # the closed port of 127.0.0.1, not a host named 'b%3Ab:p%40ss@127.0.0.1'
+    assert credentials_to_environment("sqlite:///x.db") == "sqlite:///x.db"
 
 
 @pytest.mark.slow
@@ -174,6 +185,68 @@ def test_eight_jobs_writing_to_one_new_store_at_once(tmp_path):
         assert _steps(client, run, "val/acc") == [6, 12]
         assert {"test/acc", "objective"} <= run.data.metrics.keys()
         assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+@pytest.mark.slow
+def test_eight_jobs_creating_one_new_experiment_on_a_server_at_once(tmp_path, mlflow_server):
+    """Issue 14.6: every job finds the new experiment missing and creates it; the server keeps
+    one and answers the others RESOURCE_ALREADY_EXISTS, which must not end them."""
+    name = f"together-{tmp_path.name}"
+    tiny = ["data=synthetic", "data.num_samples=128", "model=mlp", "trainer.device=cpu", "trainer.max_epochs=1", "trainer.num_threads=1"]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]))
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "runner", *tiny, "~callbacks.export", "~callbacks.drift", "~callbacks.curves",
+                "+callbacks.together._target_=runner_test_helpers.StartTogether", f"+callbacks.together.directory={tmp_path / 'started'}",
+                "+callbacks.together.count=8", f"+callbacks.together.tracking_uri={mlflow_server}", f"logger.tracking_uri={mlflow_server}", f"logger.experiment_name={name}", f"hydra.run.dir=out{job}",
+            ],
+            cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for job in range(8)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 8, [err[-1500:] for _, err in outputs]
+    # the race really happened (the barrier sees to it) and was handled
+    assert any("was created by another job at the same moment" in out for out, _ in outputs)
+    client = MlflowClient(mlflow_server)
+    assert [e.name for e in client.search_experiments(filter_string=f"name = '{name}'")] == [name]
+    runs = _runs(client, name)
+    assert len(runs) == 8 and {run.info.status for run in runs} == {"FINISHED"}
+    assert sorted(run.data.tags["output_dir"].rsplit("out", 1)[1] for run in runs) == [str(job) for job in range(8)]
+    for run in runs:
+        assert {"test/acc", "objective"} <= run.data.metrics.keys()
+        assert 0.0 <= run.data.metrics["test/acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_password_in_a_server_uri_logs_in_and_is_never_shown(tmp_path, monkeypatch):
+    """Issue 14.7: http://user:password@host:port reaches the host (not 'user:password@host'),
+    MLflow logs in with those credentials, and the password appears in no output."""
+    password = "Pa55-" + uuid.uuid4().hex[:12]
+    (tmp_path / "server").mkdir()
+    server, uri = start_mlflow_server(tmp_path / "server", admin_password=password)
+    try:
+        host = uri.removeprefix("http://")
+        args = [*SMALL, "trainer.max_epochs=1", "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "logger.experiment_name=guarded"]
+        good = run_cli([*args, f"logger.tracking_uri=http://admin:{password}@{host}", "hydra.run.dir=good"], cwd=tmp_path)
+        wrong = run_cli([*args, f"logger.tracking_uri=http://admin:not-{password}@{host}", "hydra.run.dir=wrong"], cwd=tmp_path, timeout=120)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = MlflowClient(uri)
+        (run,) = _runs(client, "guarded")
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    finally:
+        stop_mlflow_server(server)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert "checkpoints/best.pt" in artifacts  # the artifact uploads logged in too
+    assert run.data.params["logger.tracking_uri"] == f"http://admin:***@{host}"
+    assert wrong.returncode == 2
+    assert f"runner: error: logger.tracking_uri='http://admin:***@{host}' refused the credentials (HTTP 401); give the server's user and password" in wrong.stderr
+    assert not (tmp_path / "wrong" / "checkpoints").exists()  # stopped before training
+    for text in (good.stdout, good.stderr, (tmp_path / "good" / "runner.log").read_text(), wrong.stdout, wrong.stderr):
+        assert password not in text
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.data.module import DataModule, modality_of, split
 from runner.errors import ConfigError
 
 FIX = "give data.path=<file> holding arrays x (samples first) and y (integer class labels)"
@@ -21,22 +22,39 @@ def tensors(
     num_classes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     modality: str | None = None,
-):
+) -> DataModule:
     import torch
-
-    from runner.data.module import DataModule, modality_of, split
 
     x, y = _load(str(path))
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y, dtype=torch.long)
     info = file_info(str(path))
     train, val, test = split(x, y, val_fraction, test_fraction, split_seed)
+    _check_finite(str(path), {"train": train, "val": val, "test": test})
     shape = tuple(input_shape or info["input_shape"])
     return DataModule(
         train, val, test,
         int(num_classes or info["num_classes"]),
         shape, batch_size, num_workers,
         modality=modality or modality_of(shape),
+    )
+
+
+def _check_finite(path: str, splits: dict) -> None:
+    """NaN or inf inputs make the first loss NaN, which would be blamed on the learning rate:
+    say where they are before training."""
+    import torch
+
+    bad = {name: ~torch.isfinite(dataset.tensors[0].flatten(1)).all(1) for name, dataset in splits.items()}
+    if not any(rows.any() for rows in bad.values()):
+        return
+    x = torch.cat([dataset.tensors[0] for dataset in splits.values()])
+    counts = " and ".join(f"{count} {kind}" for count, kind in ((int(x.isnan().sum()), "NaN"), (int(x.isinf().sum()), "inf")) if count)
+    samples = sum(int(rows.sum()) for rows in bad.values())
+    where = ", ".join(f"{name}: {int(rows.sum())} of {len(rows)}" for name, rows in bad.items())
+    raise ConfigError(
+        f"data.path='{path}': array x holds {counts} values, in {samples} samples ({where}); "
+        "remove or fill them before training, e.g. keep = np.isfinite(x).reshape(len(x), -1).all(1); x, y = x[keep], y[keep]"
     )
 
 
@@ -83,6 +101,12 @@ def _validated(path: str, content: dict) -> tuple[np.ndarray, np.ndarray]:
             f"data.path='{path}' has no array {' or '.join(missing)} (found: {sorted(content)}); {FIX}"
         )
     x, y = content["x"], content["y"]
+    if x.ndim < 2:
+        raise ConfigError(
+            f"data.path='{path}': x has shape {x.shape}, but x must hold samples first and then each sample's "
+            "values, e.g. shape (N, features) for tabular data or (N, C, H, W) for images "
+            "(one value per sample: save x.reshape(-1, 1))"
+        )
     if len(x) != len(y):
         raise ConfigError(
             f"data.path='{path}': x has {len(x)} samples but y has {len(y)}; "

@@ -3,6 +3,7 @@ from typing import Sequence
 from torch import nn
 
 from runner.errors import ConfigError
+from runner.models.arguments import probability, widths
 
 
 def image_channels(input_shape: Sequence[int], model: str) -> int:
@@ -24,6 +25,8 @@ class CNN(nn.Module):
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64), dropout: float = 0.0):
         super().__init__()
         width = image_channels(input_shape, "cnn")
+        channels = widths(channels, "model.channels", "[32,64]")
+        dropout = probability(dropout, "model.dropout")
         blocks: list[nn.Module] = []
         for size in channels:
             blocks += [

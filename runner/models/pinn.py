@@ -4,6 +4,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from runner.models.arguments import widths
+
 
 class PINN(nn.Module):
     """An MLP on coordinates with tanh activations, for physics-informed losses: tanh is
@@ -14,6 +16,7 @@ class PINN(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (32, 32, 32)):
         super().__init__()
+        hidden = widths(hidden, "model.hidden", "[32,32,32]")
         layers: list[nn.Module] = []
         width = math.prod(input_shape)
         for size in hidden:

@@ -2,6 +2,7 @@ from typing import Sequence
 
 from torch import nn
 
+from runner.models import arguments
 from runner.models.cnn import image_channels
 
 
@@ -37,9 +38,12 @@ class ResNet(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64), blocks_per_stage: int = 1):
         super().__init__()
+        channels = image_channels(input_shape, "resnet")
+        widths = arguments.widths(widths, "model.widths", "[32,64]", allow_empty=False)
+        blocks_per_stage = arguments.count(blocks_per_stage, "model.blocks_per_stage", "1")
         width = widths[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(image_channels(input_shape, "resnet"), width, 3, padding=1, bias=False),
+            nn.Conv2d(channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         )

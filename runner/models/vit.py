@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import ConfigError
+from runner.models.arguments import count, probability
 from runner.models.cnn import image_channels
 
 POOLS = ("cls", "mean")
@@ -74,6 +75,12 @@ class ViT(nn.Module):
         super().__init__()
         channels = image_channels(input_shape, "vit")
         height, width = int(input_shape[1]), int(input_shape[2])
+        patch_size = count(patch_size, "model.patch_size", "2", minimum=0)  # 0: _check_patch_size says which fit
+        dim, heads = count(dim, "model.dim", "64"), count(heads, "model.heads", "4")
+        depth = count(depth, "model.depth", "2", minimum=0)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio={mlp_ratio!r} is not a positive number; e.g. model.mlp_ratio=2.0")
+        dropout = probability(dropout, "model.dropout")
         _check_patch_size(patch_size, height, width)
         if pool not in POOLS:
             raise ConfigError(f"model.pool='{pool}' is not supported; use one of {', '.join(POOLS)}")

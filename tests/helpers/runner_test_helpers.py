@@ -241,3 +241,26 @@ class FreezeDirAtStep(Callback):
             import subprocess
 
             subprocess.run(["chattr", "+i", str(loop.checkpoint_dir)], check=True)
+
+
+class StartTogether(Callback):
+    """Hold this job while its callbacks are built until `count` jobs have got that far (each
+    leaves a file in `directory`): the logger opens the tracking store in on_fit_start, soon
+    after, so the jobs reach the store at the same moment, not spread out by their imports.
+    With tracking_uri, MLflow's client is loaded and has talked to that store once before the
+    wait (nothing is created there), so that little is left to do between the wait and the store."""
+
+    def __init__(self, directory: str, count: int, tracking_uri: str | None = None, timeout_s: float = 240.0):
+        import time
+
+        if tracking_uri:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        os.makedirs(directory, exist_ok=True)
+        open(os.path.join(directory, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + timeout_s
+        while len(os.listdir(directory)) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(os.listdir(directory))} of {count} jobs started")
+            time.sleep(0.005)

@@ -311,6 +311,23 @@ def _tensor_file_info(path: str, key: str) -> Any:
     return file_info(path)[key]
 
 
+def _image_folder_shape(root: str, channels: Any, image_size: Any, extensions: Any) -> list[int]:
+    """OmegaConf resolver: [C, H, W] of an image folder's samples (channels from the headers
+    when data.channels is null)."""
+    from runner.data.image_folder import published_shape
+
+    return published_shape(root, channels, image_size, extensions)
+
+
+def _folder_classes(root: str, suffixes: Any) -> int:
+    """OmegaConf resolver ${folder_classes:${data.root},${data.extensions}}: how many class
+    folders a class-folder tree has (image and audio folders), from names only, cached."""
+    from runner.data.folders import class_names
+
+    listed = suffixes.split("|") if isinstance(suffixes, str) else list(suffixes)
+    return len(class_names(root, tuple(str(suffix).lower() for suffix in listed)))
+
+
 def study_name(*, _root_: Any) -> str:
     """Resolver: a study name that stays the same when the same sweep command is run again
     (so it resumes), in the launching process and in every job alike.
@@ -360,6 +377,8 @@ def register() -> None:
     store.store(group="hydra/sweeper", name="runner_optuna", node=SweeperConf, provider="runner")
     # not use_cache: OmegaConf caches on the literal "${data.path}", not on its value
     OmegaConf.register_resolver("tensor_file", _tensor_file_info, replace=True)
+    OmegaConf.register_resolver("folder_classes", _folder_classes, replace=True)
+    OmegaConf.register_resolver("image_folder_shape", _image_folder_shape, replace=True)
     OmegaConf.register_resolver("runner_study_name", study_name, replace=True)
     OmegaConf.register_resolver("runner_groups", config_groups_help, replace=True)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
+from torch.utils.data import default_collate
 
 from runner.build import build, build_pruner, build_sampler
 from runner.loop import Parts
@@ -40,11 +41,11 @@ def test_every_group_file_is_found():
     for group, _ in GROUP_FILES:
         groups[group] = groups.get(group, 0) + 1
     assert groups == {
-        "augmentation": 7, "callbacks": 6, "data": 5, "debug": 2, "experiment": 5, "logger": 4,
+        "augmentation": 7, "callbacks": 6, "data": 6, "debug": 2, "experiment": 5, "logger": 4,
         "loss": 6, "model": 5, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
         "hydra/launcher": 2, "pipeline": 2,
     }
-    assert len(GROUP_FILES) == 66
+    assert len(GROUP_FILES) == 67
 
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
@@ -55,6 +56,10 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
         if name == "tensors":
             np.savez(tmp_path / "d.npz", x=np.random.rand(60, 1, 8, 8).astype("float32"), y=np.arange(60) % 3)
             overrides.append(f"data.path={tmp_path / 'd.npz'}")
+        if name == "image_folder":
+            from tests.test_image_folder import write_folder
+
+            overrides += [f"data.root={write_folder(tmp_path / 'photos', per_class=8)}", "data.image_size=8", "data.num_workers=0"]
     elif group in ("experiment", "debug", "hparams_search"):
         overrides = ["trainer.device=cpu", *overrides]
     elif group == "hydra/launcher":
@@ -91,7 +96,7 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
     assert isinstance(parts, Parts)
     assert isinstance(parts.model, torch.nn.Module)
     assert isinstance(parts.optimizer, torch.optim.Optimizer)
-    x, y = parts.data.train[0:4]
+    x, y = default_collate([parts.data.train[index] for index in range(4)])  # a batch, as a loader makes it
     logits = parts.model.eval()(x)
     assert logits.shape == (4, parts.data.num_classes)
     assert torch.isfinite(bind_context(parts.loss)(logits, y, x, parts.model))

@@ -7,6 +7,7 @@ resumed in the middle of an epoch sees exactly the batches an unbroken run would
 
 from runner.data.audio import synthetic_audio
 from runner.data.digits import digits
+from runner.data.image_folder import image_folder
 from runner.data.module import DataModule, ResumableBatchSampler, split
 from runner.data.ode import ode
 from runner.data.synthetic import synthetic

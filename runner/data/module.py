@@ -21,8 +21,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, limit: int = -1,
-                 rank: int = 0, world_size: int = 1, pad: bool = True, weights: torch.Tensor | None = None):
+                 rank: int = 0, world_size: int = 1, pad: bool = True, weights: torch.Tensor | None = None,
+                 with_epoch: bool = False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        # batches of (epoch, index) keys, for datasets whose random transforms are seeded per sample
+        self.with_epoch = with_epoch
         self.limit, self.rank, self.world_size, self.pad = limit, rank, world_size, pad
         # per-sample weights: the epoch's order is drawn with replacement in proportion to
         # them (hard-example mining sets these); None is a plain permutation
@@ -59,7 +62,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 order = (order * (total // max(len(order), 1) + 1))[:total]
             order = order[self.rank :: self.world_size]
         for batch in range(self.start_batch, self.num_batches()):
-            yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            indices = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield [(self.epoch, index) for index in indices] if self.with_epoch else indices
 
 
 MODALITIES = ("image", "signal", "spectrogram", "coordinates", "tabular")
@@ -101,7 +105,9 @@ class DataModule:
 
     def class_counts(self) -> torch.Tensor:
         """Samples per class in the training split (for class weights)."""
-        labels = torch.as_tensor([int(self.train[i][1]) for i in range(len(self.train))])
+        labels = getattr(self.train, "labels", None)  # a lazily decoded split knows its labels
+        if labels is None:
+            labels = torch.as_tensor([int(self.train[i][1]) for i in range(len(self.train))])
         return torch.bincount(labels, minlength=self.num_classes)
 
     def loader(self, split: str, *, seed: int = 0, limit: int = -1, pin_memory: bool = False,
@@ -111,7 +117,8 @@ class DataModule:
         dataset = getattr(self, split)
         train = split == "train"
         weights = self.sample_weights if train else None
-        sampler = ResumableBatchSampler(len(dataset), self.batch_size, train, seed, limit, rank, world_size, pad=train, weights=weights)
+        sampler = ResumableBatchSampler(len(dataset), self.batch_size, train, seed, limit, rank, world_size, pad=train,
+                                        weights=weights, with_epoch=getattr(dataset, "takes_epoch", False))
         return DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -137,6 +144,13 @@ def split(
     seed: int,
 ) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """Split (x, y) into train/val/test, stratified by class, reproducibly for a seed."""
+    parts = split_indices(y.tolist(), val_fraction, test_fraction, seed)
+    return tuple(TensorDataset(x[i], y[i]) for i in parts)
+
+
+def split_indices(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Indices of train/val/test, stratified by class where every class allows it, reproducibly
+    for a seed (each part in the order train_test_split returns it)."""
     from sklearn.model_selection import train_test_split
 
     for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
@@ -148,8 +162,8 @@ def split(
             "nothing to train on; keep their sum below 1"
         )
 
-    indices = torch.arange(len(y)).numpy()
-    labels = y.numpy()
+    indices = torch.arange(len(labels)).numpy()
+    labels = torch.as_tensor(list(labels)).numpy()
     held_out = val_fraction + test_fraction
     train_idx, rest_idx = train_test_split(
         indices, test_size=held_out, random_state=seed, stratify=_stratify(labels)
@@ -160,7 +174,7 @@ def split(
         random_state=seed,
         stratify=_stratify(labels[rest_idx]),
     )
-    return tuple(TensorDataset(x[i], y[i]) for i in (train_idx, val_idx, test_idx))
+    return train_idx.tolist(), val_idx.tolist(), test_idx.tolist()
 
 
 def _stratify(labels: Sequence[int]):

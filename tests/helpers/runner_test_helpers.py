@@ -264,3 +264,15 @@ class StartTogether(Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(os.listdir(directory))} of {count} jobs started")
             time.sleep(0.005)
+
+
+class RandomFlipNoise(nn.Module):
+    """A user's random per-sample image transform (as a torchvision v2 one would be): a
+    horizontal flip with probability 1/2 and a little noise, from torch's global RNG."""
+
+    def forward(self, x):
+        import torch
+
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x + 0.05 * torch.randn_like(x)

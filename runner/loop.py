@@ -81,6 +81,7 @@ class Loop:
             self.forward = torch.compile(self.forward)
         self.scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "16-mixed")
         self.pin_memory = device.type == "cuda"
+        self._loaders: dict[tuple[str, int], Any] = {}  # made on first use, kept for the run
         self.batches_per_epoch, self.total_steps = plan(parts.data, trainer, dist.world_size)
 
     # ----------------------------------------------------------------- the loop
@@ -261,12 +262,19 @@ class Loop:
 
     # ----------------------------------------------------------------- helpers
     def _loader(self, split: str, epoch: int = 0, start_batch: int = 0, limit: int | None = None):
+        """One DataLoader per split (and batch limit) for the whole run: its workers start once
+        and persist across epochs and validations; only the sampler's epoch, start position
+        and (for training) sample weights change between uses."""
         if limit is None:
             limit = self.trainer.limit_train_batches if split == "train" else self.trainer.limit_val_batches
-        loader = self.parts.data.loader(
-            split, seed=self.trainer.seed, limit=limit, pin_memory=self.pin_memory,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        loader = self._loaders.get((split, limit))
+        if loader is None:
+            loader = self._loaders[(split, limit)] = self.parts.data.loader(
+                split, seed=self.trainer.seed, limit=limit, pin_memory=self.pin_memory,
+                rank=self.dist.rank, world_size=self.dist.world_size,
+            )
+        if split == "train":  # a callback may have reweighted what training samples (mining)
+            loader.batch_sampler.weights = self.parts.data.sample_weights
         loader.batch_sampler.set_epoch(epoch, start_batch)
         return loader
 

@@ -143,3 +143,34 @@ def test_early_stopping_sets_the_stop_flag(cfg, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert state["epoch"] == 2 and state["should_stop"]
     assert "early stopping: no improvement on val/acc" in state["stop_reason"]
+
+
+class _PidRecorder(torch.utils.data.Dataset):
+    """Wraps a split and leaves a file named after each process that loads a sample of it."""
+
+    def __init__(self, dataset, folder):
+        self.dataset, self.folder = dataset, folder
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        import os
+
+        (self.folder / str(os.getpid())).touch()
+        return self.dataset[index]
+
+
+def test_one_loader_per_split_keeps_its_workers_for_the_whole_run(cfg, tmp_path):
+    """3 epochs and 3 validations with 2 workers each: 2 training and 2 validation worker
+    processes in all (a loader made per epoch would start 12)."""
+    config = cfg("trainer.max_epochs=3", "data.num_workers=2", "callbacks=none", "trainer.limit_train_batches=3")
+    loop = make_loop(config, tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        setattr(loop.parts.data, split, _PidRecorder(getattr(loop.parts.data, split), tmp_path / split))
+    loop.fit()
+    assert loop.state.epoch == 3
+    train_workers, val_workers = ({path.name for path in (tmp_path / split).iterdir()} for split in ("train", "val"))
+    assert len(train_workers) == 2 and len(val_workers) == 2, (train_workers, val_workers)
+    assert not train_workers & val_workers and str(__import__("os").getpid()) not in train_workers

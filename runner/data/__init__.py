@@ -6,6 +6,7 @@ resumed in the middle of an epoch sees exactly the batches an unbroken run would
 """
 
 from runner.data.audio import synthetic_audio
+from runner.data.dataset import dataset
 from runner.data.digits import digits
 from runner.data.image_folder import image_folder
 from runner.data.module import DataModule, ResumableBatchSampler, split

@@ -4,6 +4,7 @@ import os
 import signal
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from runner.callbacks import Callback
 
@@ -276,3 +277,41 @@ class RandomFlipNoise(nn.Module):
         if torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x + 0.05 * torch.randn_like(x)
+
+
+class Blobs(Dataset):
+    """A user's map-style dataset over a local root, shaped like a torchvision one: it reads
+    root/blobs.npz (images uint8 [N, 8, 8], labels [N]) and yields (PIL image, int label);
+    .targets and .classes as torchvision has them. train=False reads the test arrays."""
+
+    classes = ["low", "mid", "high"]
+
+    def __init__(self, root: str, train: bool = True):
+        import numpy as np
+
+        arrays = np.load(os.path.join(root, "blobs.npz"))
+        prefix = "" if train else "test_"
+        self.images, self.targets = arrays[f"{prefix}images"], arrays[f"{prefix}labels"].tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        return Image.fromarray(self.images[index]), self.targets[index]
+
+
+def write_blobs(root, count: int = 240, seed: int = 0) -> str:
+    """Three classes of 8x8 grey images by brightness, train and test arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for prefix, n in (("", count), ("test_", count // 4)):
+        labels = np.arange(n) % 3
+        images = (rng.normal(60 + 70 * labels[:, None, None], 25, (n, 8, 8))).clip(0, 255).astype(np.uint8)
+        arrays[f"{prefix}images"], arrays[f"{prefix}labels"] = images, labels
+    os.makedirs(root, exist_ok=True)
+    np.savez(os.path.join(root, "blobs.npz"), **arrays)
+    return str(root)

@@ -76,3 +76,17 @@ def test_a_users_dataset_class_trains_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.8, metrics  # chance: 1/3
+
+
+def test_tensors_refuses_a_shape_or_class_count_the_file_does_not_have(tmp_path):
+    """A recipe's input_shape used to win silently over the file's real shape."""
+    import numpy as np
+
+    from runner.data import tensors
+
+    np.savez(tmp_path / "d.npz", x=np.random.rand(40, 1, 4, 4).astype("float32"), y=np.arange(40) % 4)
+    assert tensors(str(tmp_path / "d.npz"), input_shape=[1, 4, 4], num_classes=4).input_shape == (1, 4, 4)
+    with pytest.raises(ConfigError, match=r"data\.input_shape=\[16\], but the samples of data\.path='.*d\.npz' are \[1, 4, 4\]"):
+        tensors(str(tmp_path / "d.npz"), input_shape=[16])
+    with pytest.raises(ConfigError, match=r"data\.num_classes=10, but the labels of data\.path='.*d\.npz' give 4 classes"):
+        tensors(str(tmp_path / "d.npz"), num_classes=10)

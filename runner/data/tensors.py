@@ -31,10 +31,22 @@ def tensors(
     info = file_info(str(path))
     train, val, test = split(x, y, val_fraction, test_fraction, split_seed)
     _check_finite(str(path), {"train": train, "val": val, "test": test})
-    shape = tuple(input_shape or info["input_shape"])
+    shape = tuple(info["input_shape"])
+    # set in a recipe or on the command line, they must say what the file holds (a model or an
+    # export built for another shape would fail later, or describe the wrong input)
+    if input_shape is not None and tuple(int(v) for v in input_shape) != shape:
+        raise ConfigError(
+            f"data.input_shape={list(input_shape)}, but the samples of data.path='{path}' are {list(shape)}; "
+            "remove data.input_shape (it is read from the file) or reshape x in the file"
+        )
+    if num_classes is not None and int(num_classes) != int(info["num_classes"]):
+        raise ConfigError(
+            f"data.num_classes={num_classes}, but the labels of data.path='{path}' give {info['num_classes']} classes; "
+            "remove data.num_classes (it is read from the file)"
+        )
     return DataModule(
         train, val, test,
-        int(num_classes or info["num_classes"]),
+        int(info["num_classes"]),
         shape, batch_size, num_workers,
         modality=modality or modality_of(shape),
     )

@@ -1,7 +1,8 @@
 """Benchmarks: runner's loop against a hand-written one, logging cost, the default job, start-up,
-sweep overhead, memory. Prints a table with targets and writes it as JSON:
+sweep overhead, memory, and reading your data (image folders, shards, tables). Prints a table
+with targets and writes it as JSON:
 
-    python -m runner.bench [--out bench.json] [--repeats 5]
+    python -m runner.bench [--out bench.json] [--repeats 5] [--only loop|data]
 
 Every figure is measured in one run on one machine. Per-step times come from two step counts
 (t(n2) - t(n1)) / (n2 - n1), so set-up and start-up cancel out; each is the median of
@@ -187,6 +188,180 @@ def sweep_overhead(repeats: int) -> dict:
     return {"per_trial_s": _spread(per_trial)}
 
 
+# ------------------------------------------------------------------ your data
+def _png_folder(root: Path, count: int) -> Path:
+    """count 32x32 RGB PNGs in 10 class folders (random pixels: decoding cost is what counts)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        folder = root / f"class{index % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+def folder_throughput(root: Path, repeats: int, workers: int = 2) -> dict:
+    """Training images per second through runner's loader (one epoch, after the workers are
+    up) and through a hand-written Dataset + DataLoader over the same files."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from runner.data import image_folder
+    from runner.data.image_folder import decode
+
+    data = image_folder(str(root), image_size=32, num_workers=workers, batch_size=64)
+    paths, labels = data.train.paths, data.train.labels
+
+    class HandWritten(Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, index):
+            from PIL import Image
+
+            with Image.open(paths[index]) as image:
+                x = torch.from_numpy(__import__("numpy").asarray(image.convert("RGB"), dtype="uint8").copy()).permute(2, 0, 1).float().div(255)
+            return (x - 0.5) / 0.25, labels[index]
+
+    def rate(loader, before=lambda: None) -> float:
+        before()
+        next(iter(loader))  # workers up
+        before()
+        started, seen = time.perf_counter(), 0
+        for x, _ in loader:
+            seen += len(x)
+        return seen / (time.perf_counter() - started)
+
+    ours = data.loader("train", seed=0)
+    theirs = DataLoader(HandWritten(), batch_size=64, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    mine, base = [], []
+    for _ in range(repeats):
+        mine.append(rate(ours, lambda: data.start(ours, "train", 0)))
+        base.append(rate(theirs))
+    assert decode(paths[0], 3, (32, 32)).shape == (3, 32, 32)
+    return {"runner_images_per_s": _spread(mine), "hand_images_per_s": _spread(base), "ratio": _spread([a / b for a, b in zip(mine, base)])}
+
+
+def epoch_ratio(root: Path, workers: int = 2) -> dict:
+    """Wall time of epoch 2 over epoch 1 of a real fit on the folder (workers start once)."""
+    import torch
+
+    from runner.build import build
+    from runner.callbacks import Callback
+    from runner.loop import Loop
+    from runner.run import resolved
+
+    class Clock(Callback):
+        def __init__(self):
+            self.walls = []
+
+        def on_epoch_start(self, loop):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, loop):
+            self.walls.append(time.perf_counter() - self.started)
+
+    cfg = _config(["data=image_folder", f"data.root={root}", f"data.num_workers={workers}", "model=mlp", "trainer.max_epochs=2",
+                   "trainer.device=cpu", "logger=none", "callbacks=none", "trainer.val_check_interval=0"])
+    parts = build(cfg)
+    clock = parts.callbacks["clock"] = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        Loop(parts, cfg.trainer, torch.device("cpu"), Path(tmp) / "checkpoints", resolved(cfg)).fit()
+    return {"epoch_s": clock.walls, "ratio": {"median": clock.walls[1] / clock.walls[0], "min": clock.walls[1] / clock.walls[0], "max": clock.walls[1] / clock.walls[0], "n": 1}}
+
+
+STREAM_PROBE = """
+import resource, sys, time
+import torch
+from runner.data import shards
+data = shards(sys.argv[1] + '/train-*.tar', sys.argv[1] + '/val-*.tar', sys.argv[1] + '/test-*.tar', num_workers=2, batch_size=64)
+loader = data.loader('train', seed=0)
+data.start(loader, 'train', 0)
+seen = 0
+for x, _ in loader:
+    seen += len(x)
+del loader  # the persistent workers exit, so their peak is counted below
+import gc; gc.collect(); time.sleep(0.5)
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(seen, own, workers)
+"""
+
+
+def shards_rss(folder: Path, gigabytes: float) -> dict:
+    """Peak RSS while streaming one epoch of about `gigabytes` of .npy shards (3x64x64 float32
+    samples): the training process and the largest worker, measured in a fresh process."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    sample = 3 * 64 * 64 * 4
+    count = int(gigabytes * 1024**3 / sample)
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((256, 3, 64, 64)).astype("float32")
+    per_shard, written = 2000, 0
+    for shard in range(-(-count // per_shard)):
+        with tarfile.open(folder / f"train-{shard:04d}.tar", "w") as archive:
+            for key in range(written, min(written + per_shard, count)):
+                buffer = io.BytesIO()
+                np.save(buffer, block[key % 256], allow_pickle=False)
+                for field, payload in (("npy", buffer.getvalue()), ("cls", str(key % 10).encode())):
+                    info = tarfile.TarInfo(f"{key:08d}.{field}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+            written = min(written + per_shard, count)
+    for split in ("val", "test"):
+        (folder / f"{split}-0000.tar").write_bytes((folder / "train-0000.tar").read_bytes())
+    size = sum(path.stat().st_size for path in folder.glob("train-*.tar")) / 1024**3
+    out = subprocess.run([sys.executable, "-c", STREAM_PROBE, str(folder)], check=True, capture_output=True, text=True).stdout.split()
+    seen, own, worker = int(out[0]), int(out[1]) / 1024**2, int(out[2]) / 1024**2
+    return {"shard_gb": size, "samples": seen, "main_rss_gb": own, "worker_rss_gb": worker, "peak_rss_gb": {"median": own + 2 * worker, "min": own + 2 * worker, "max": own + 2 * worker, "n": 1}}
+
+
+def wine_vs_logistic() -> dict:
+    """data=table on scikit-learn's wine data as CSV: runner's MLP (the command the README shows)
+    against LogisticRegression on the same encoded split."""
+    import csv
+
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    from runner.data import table
+
+    wine = load_wine()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "wine.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([*wine.feature_names, "class"])
+            for row, label in zip(wine.data.tolist(), wine.target.tolist()):
+                writer.writerow([*row, f"class_{label}"])
+        data = table(str(path), "class")
+        (x, y), (x_test, y_test) = data.train[:], data.test[:]
+        logistic = float(LogisticRegression(max_iter=1000).fit(x.numpy(), y.numpy()).score(x_test.numpy(), y_test.numpy()))
+        subprocess.run([sys.executable, "-m", "runner", "data=table", f"data.path={path}", "data.target=class", "model=mlp",
+                        "trainer.max_epochs=20", "callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint.mode=min",
+                        "callbacks.early_stopping.monitor=val/loss", "callbacks.early_stopping.mode=min", "logger=none",
+                        "hydra.run.dir=run"], cwd=tmp, check=True, capture_output=True)
+        accuracy = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["test/acc"]
+    return {"runner_test_acc": accuracy, "logistic_test_acc": logistic}
+
+
+def measure_data(repeats: int, images: int = 20_000, shard_gb: float = 2.0) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _png_folder(Path(tmp) / "pngs", images)
+        results["folder"] = folder_throughput(root, repeats)
+        results["epochs"] = epoch_ratio(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["shards"] = shards_rss(Path(tmp), shard_gb)
+    results["wine"] = wine_vs_logistic()
+    return results
+
+
 # ------------------------------------------------------------------ report
 def measure(repeats: int) -> dict:
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
@@ -199,6 +374,26 @@ def measure(repeats: int) -> dict:
     results["startup"] = startup(repeats)
     results["sweep"] = sweep_overhead(max(1, repeats // 2))
     return results
+
+
+DATA_TARGETS = {
+    "folder_ratio": ("images/s from a 32x32 PNG folder, 2 workers: runner / hand-written", 0.95, ">="),
+    "epoch_ratio": ("epoch 2 wall / epoch 1 wall on the PNG folder", 1.0, "<="),
+    "shards_rss": ("peak RSS streaming ~2 GB of shards (main + 2 workers), GB", 1.0, "<="),
+}
+
+
+def data_summary(results: dict) -> list[tuple[str, str, str, bool]]:
+    value = {"folder_ratio": results["folder"]["ratio"], "epoch_ratio": results["epochs"]["ratio"], "shards_rss": results["shards"]["peak_rss_gb"]}
+    rows = []
+    for key, (label, target, sense) in DATA_TARGETS.items():
+        figure = value[key]
+        met = figure["median"] >= target if sense == ">=" else figure["median"] <= target
+        rows.append((label, f"{figure['median']:.3f} ({figure['min']:.3f}..{figure['max']:.3f})", f"{sense} {target:g}", met))
+    wine = results["wine"]
+    rows.append(("wine CSV test/acc vs LogisticRegression on the same split", f"{wine['runner_test_acc']:.4f} vs {wine['logistic_test_acc']:.4f}",
+                 ">= logistic", wine["runner_test_acc"] >= wine["logistic_test_acc"] - 1e-6))
+    return rows
 
 
 def summary(results: dict) -> list[tuple[str, str, str, bool]]:
@@ -226,12 +421,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per figure (median and spread)")
+    parser.add_argument("--only", choices=("all", "loop", "data"), default="all",
+                        help="loop: the loop, logging, start-up and sweep figures; data: your-data figures (writes 20,000 PNGs and ~2 GB of shards to a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    results, rows = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}, []
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # the MLflow store of figure 3 lands here, not in your project
-        results = measure(args.repeats)
-    rows = summary(results)
+        if args.only in ("all", "loop"):
+            results.update(measure(args.repeats))
+            rows += summary(results)
+        if args.only in ("all", "data"):
+            results["data"] = measure_data(args.repeats)
+            rows += data_summary(results["data"])
     results["summary"] = [{"figure": r[0], "measured": r[1], "target": r[2], "met": r[3]} for r in rows]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -128,6 +128,13 @@ def build(cfg: DictConfig, command_line: list[str] | None = None, world_size: in
     )
 
 
+def build_data(cfg: DictConfig, command_line: list[str] | None = None) -> Any:
+    """The data module alone (python -m runner.data.pack), judged like every part."""
+    allowed = AllowList.of(cfg, command_line or [])
+    allowed.check(cfg.data, "data")
+    return _make(cfg.data, "data", allowed)
+
+
 def _loggers(node: Any, allowed: AllowList) -> dict[str, Any]:
     """One logger (the file has a _target_) or several named ones (logger=mlflow_tensorboard).
     The first is the callback "logger" (what checkpoints and helpers look up), the others
@@ -159,6 +166,13 @@ def _augmentation(node: Any, data, allowed: AllowList) -> Any:
     return transforms[0] if len(transforms) == 1 else Compose(transforms)
 
 
+# what to pick when the loss does not fit the data's task
+_OTHER_LOSS = {
+    "regression": "use loss=mse (experiment=regression sets it and monitors val/mse)",
+    "classification": "use a classification loss such as loss=cross_entropy",
+}
+
+
 def _check_modality(part: Any, key: str, target: str, data) -> None:
     """A part that works on some kinds of input only says so in ``modalities``; refuse a
     wrong pairing here rather than deep inside a forward pass."""
@@ -166,7 +180,7 @@ def _check_modality(part: Any, key: str, target: str, data) -> None:
     if tasks is not None and data.task not in tasks:
         raise ConfigError(
             f"{key}: '{target}' is for {' or '.join(tasks)} data, but the data is {data.task}; "
-            f"remove it or pick {' or '.join(tasks)} data"
+            f"{_OTHER_LOSS.get(data.task, 'pick another loss') if key == 'loss' else 'remove it'} or pick {' or '.join(tasks)} data"
         )
     accepts = getattr(part, "modalities", None)
     if accepts is not None and data.modality not in accepts:

@@ -16,7 +16,7 @@ from torch import nn
 from runner import checkpoint
 from runner.callbacks import Callback
 from runner.distributed import Dist, all_reduce_max, all_reduce_sum, gather_objects
-from runner.data import DataModule, ResumableBatchSampler
+from runner.data import DataModule
 from runner.errors import Interrupted, NonFiniteLossError
 from runner.losses import LossFn, bind_context
 from runner.metrics import confusion_matrix, eval_metrics, hard_labels, observed
@@ -273,9 +273,7 @@ class Loop:
                 split, seed=self.trainer.seed, limit=limit, pin_memory=self.pin_memory,
                 rank=self.dist.rank, world_size=self.dist.world_size,
             )
-        if split == "train":  # a callback may have reweighted what training samples (mining)
-            loader.batch_sampler.weights = self.parts.data.sample_weights
-        loader.batch_sampler.set_epoch(epoch, start_batch)
+        self.parts.data.start(loader, split, epoch, start_batch)
         return loader
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
@@ -368,7 +366,6 @@ class Loop:
 
 def plan(data: DataModule, trainer: Any, world_size: int = 1) -> tuple[int, int]:
     """Micro-batches per epoch (per rank) and optimizer steps in the whole run (schedulers need it)."""
-    sampler = ResumableBatchSampler(len(data.train), data.batch_size, True, 0, trainer.limit_train_batches, world_size=world_size)
-    batches = sampler.num_batches()
+    batches = data.batches_per_epoch(trainer.limit_train_batches, world_size)
     steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
     return batches, (min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)

@@ -63,6 +63,8 @@ def _soft_targets(target: torch.Tensor, num_classes: int, label_smoothing: float
 class CrossEntropyLoss(nn.Module):
     """Cross entropy with optional label smoothing and class weights."""
 
+    tasks = ("classification",)
+
     def __init__(self, label_smoothing: float = 0.0, weight: Sequence[float] | None = None):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -97,6 +99,8 @@ class FocalLoss(nn.Module):
     With gamma=0 it is cross entropy; with soft targets it weights every class's term.
     """
 
+    tasks = ("classification",)
+
     def __init__(self, gamma: float = 2.0, label_smoothing: float = 0.0):
         super().__init__()
         if gamma < 0:
@@ -108,6 +112,20 @@ class FocalLoss(nn.Module):
         target = _soft_targets(target, logits.shape[1], self.label_smoothing)
         focus = (1.0 - log_p.exp()).pow(self.gamma)
         return -(target * focus * log_p).sum(dim=1).mean()
+
+
+class MSELoss(nn.Module):
+    """Mean squared error of regression outputs, over the targets that are observed (NaN
+    marks one that is not, as in the physics data); the targets' shape, e.g. [N, 1]."""
+
+    tasks = ("regression",)
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float()
+        known = ~torch.isnan(target)
+        # masked, not indexed: boolean indexing would wait for the device on every step
+        errors = torch.where(known, outputs.float().reshape(target.shape) - target.nan_to_num(), 0.0)
+        return errors.pow(2).sum() / known.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------- physics-informed losses

@@ -86,7 +86,9 @@ def check_metric_name(key: str, name: str, splits: tuple[str, ...] = SPLITS, tas
     known = [metric for metric in metric_names(task) if metric.split("/")[0] in splits or (splits == SPLITS and metric.startswith("model/"))]
     if name not in known:
         what = f"a {task} run" if task else "this run"
-        raise ConfigError(f"{key}='{name}' is not a metric {what} reports; use one of {', '.join(known)}")
+        # a classification default (val/acc) on regression data: say where the regression settings are
+        hint = " (regression data: experiment=regression monitors val/mse)" if task == "regression" and name in metric_names() else ""
+        raise ConfigError(f"{key}='{name}' is not a metric {what} reports{hint}; use one of {', '.join(known)}")
     return name
 
 

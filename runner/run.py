@@ -217,6 +217,10 @@ def resolved(cfg: DictConfig) -> dict:
             marker = f"{name} raised while resolving interpolation: "
             if marker in message:
                 raise ConfigError(message.split(marker, 1)[1]) from None
+        if "Missing mandatory value: " in message:  # a ??? to fill in, e.g. data=audio_folder's data.root
+            name = message.split("Missing mandatory value: ", 1)[1].split()[0]
+            raise ConfigError(f"{name} is not set (the config has ???); give it, e.g. {name}=<value>; "
+                              f"the comments of its conf/ file say what it takes") from None
         key = getattr(error, "full_key", "") or "config"
         raise ConfigError(f"{key}: {message}") from None
 

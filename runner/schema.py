@@ -311,6 +311,15 @@ def _tensor_file_info(path: str, key: str) -> Any:
     return file_info(path)[key]
 
 
+def _table_file_info(key: str, *, _parent_: Any) -> Any:
+    """OmegaConf resolver ${table_file:num_classes} (or input_shape, task, class_names) in
+    data=table: read from the data node it sits in, since the path, target, features,
+    categorical, task and split keys all change the answer; the file is read once per process."""
+    from runner.data.table import table_info
+
+    return table_info(_parent_)[key]
+
+
 def _image_folder_shape(root: str, channels: Any, image_size: Any, extensions: Any) -> list[int]:
     """OmegaConf resolver: [C, H, W] of an image folder's samples (channels from the headers
     when data.channels is null)."""
@@ -319,13 +328,38 @@ def _image_folder_shape(root: str, channels: Any, image_size: Any, extensions: A
     return published_shape(root, channels, image_size, extensions)
 
 
+def _audio_shape(features: str, sample_rate: Any, duration: Any, hop_length: Any, n_mels: Any, multi_n_ffts: Any) -> list[int]:
+    """OmegaConf resolver ${audio_shape:...}: an audio folder's sample shape, from its keys
+    alone (every clip is resampled, cut and padded to the same size)."""
+    from runner.data.audio_folder import feature_shape
+
+    return feature_shape(features, sample_rate, duration, hop_length, n_mels, multi_n_ffts)
+
+
+def _shard_facts(key: str, *, _parent_: Any) -> Any:
+    """OmegaConf resolver ${shard_facts:num_classes|input_shape} in data=shards: read from the
+    shards the data node names (labels and the first sample), once per process."""
+    from runner.data.shards import published
+
+    return published(_parent_, key)
+
+
+def _hf_facts(key: str, *, _parent_: Any) -> Any:
+    """OmegaConf resolver ${hf_facts:num_classes|input_shape} in data=hf: read from the saved
+    dataset the data node names (its path, input, label, image_size and channels), once per process."""
+    from runner.data.hf import published
+
+    return published(_parent_, key)
+
+
 def _folder_classes(root: str, suffixes: Any) -> int:
     """OmegaConf resolver ${folder_classes:${data.root},${data.extensions}}: how many class
     folders a class-folder tree has (image and audio folders), from names only, cached."""
     from runner.data.folders import class_names
 
     listed = suffixes.split("|") if isinstance(suffixes, str) else list(suffixes)
-    return len(class_names(root, tuple(str(suffix).lower() for suffix in listed)))
+    # "wav" and ".wav" alike, as the data factories take them
+    return len(class_names(root, tuple("." + str(suffix).lower().lstrip(".") for suffix in listed)))
 
 
 def study_name(*, _root_: Any) -> str:
@@ -377,8 +411,12 @@ def register() -> None:
     store.store(group="hydra/sweeper", name="runner_optuna", node=SweeperConf, provider="runner")
     # not use_cache: OmegaConf caches on the literal "${data.path}", not on its value
     OmegaConf.register_resolver("tensor_file", _tensor_file_info, replace=True)
+    OmegaConf.register_resolver("table_file", _table_file_info, replace=True)
     OmegaConf.register_resolver("folder_classes", _folder_classes, replace=True)
+    OmegaConf.register_resolver("shard_facts", _shard_facts, replace=True)
+    OmegaConf.register_resolver("hf_facts", _hf_facts, replace=True)
     OmegaConf.register_resolver("image_folder_shape", _image_folder_shape, replace=True)
+    OmegaConf.register_resolver("audio_shape", _audio_shape, replace=True)
     OmegaConf.register_resolver("runner_study_name", study_name, replace=True)
     OmegaConf.register_resolver("runner_groups", config_groups_help, replace=True)
 

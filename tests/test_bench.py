@@ -16,3 +16,14 @@ def test_loop_ratio_measures_both_loops():
 def test_svc_baseline_uses_runners_split():
     svc = bench.svc_baseline()
     assert 0.95 < svc["test_acc"] <= 1.0  # 270 test digits
+
+
+def test_the_data_figures_measure_what_they_say(tmp_path):
+    root = bench._png_folder(tmp_path / "pngs", 120)
+    assert len(list(root.rglob("*.png"))) == 120
+    folder = bench.folder_throughput(root, repeats=1, workers=0)
+    assert folder["runner_images_per_s"]["median"] > 0 and folder["hand_images_per_s"]["median"] > 0
+    assert folder["ratio"]["median"] == pytest.approx(folder["runner_images_per_s"]["median"] / folder["hand_images_per_s"]["median"])
+    streamed = bench.shards_rss(tmp_path / "shards" if (tmp_path / "shards").mkdir() is None else None, gigabytes=0.005)
+    assert streamed["samples"] == int(0.005 * 1024**3 / (3 * 64 * 64 * 4))  # one epoch, every sample once
+    assert 0 < streamed["main_rss_gb"] < 2

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
-from torch.utils.data import default_collate
 
 from runner.build import build, build_pruner, build_sampler
 from runner.loop import Parts
@@ -33,6 +32,11 @@ COMPANIONS: dict[tuple[str, str], list[str]] = {
     ("augmentation", "cutmix"): ["augmentation.cutmix.p=1"],
     ("augmentation", "specaugment"): ["data=synthetic_audio"],
     ("augmentation", "signal"): ["data=synthetic_audio", "data.features=none", "data.input_shape=[1,4000]", "model=mlp"],
+    # regression parts need float targets: the oscillator's (its NaN targets are unobserved)
+    ("loss", "mse"): ["data=ode", "model=pinn", "optimized_metric=val/mse", "callbacks.checkpoint.monitor=val/mse", "callbacks.checkpoint.mode=min", "callbacks.early_stopping.monitor=val/mse", "callbacks.early_stopping.mode=min"],
+    ("experiment", "regression"): ["data=ode", "model=pinn"],
+    # a table's samples are flat feature vectors
+    ("data", "table"): ["model=mlp"],
 }
 
 
@@ -41,11 +45,11 @@ def test_every_group_file_is_found():
     for group, _ in GROUP_FILES:
         groups[group] = groups.get(group, 0) + 1
     assert groups == {
-        "augmentation": 7, "callbacks": 6, "data": 6, "debug": 2, "experiment": 5, "logger": 4,
-        "loss": 6, "model": 5, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
+        "augmentation": 7, "callbacks": 6, "data": 11, "debug": 2, "experiment": 6, "logger": 4,
+        "loss": 7, "model": 5, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
         "hydra/launcher": 2, "pipeline": 2,
     }
-    assert len(GROUP_FILES) == 67
+    assert len(GROUP_FILES) == 74
 
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
@@ -56,10 +60,41 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
         if name == "tensors":
             np.savez(tmp_path / "d.npz", x=np.random.rand(60, 1, 8, 8).astype("float32"), y=np.arange(60) % 3)
             overrides.append(f"data.path={tmp_path / 'd.npz'}")
+        if name == "dataset":  # a user's Dataset class, importable as the CLI tests make it
+            import sys
+
+            from tests.conftest import HELPERS
+
+            if str(HELPERS) not in sys.path:
+                sys.path.append(str(HELPERS))
+            import runner_test_helpers
+
+            overrides += ["data.train._target_=runner_test_helpers.Blobs", f"+data.train.root={runner_test_helpers.write_blobs(tmp_path / 'blobs')}",
+                          "data.num_classes=3", "data.input_shape=[1,8,8]", "allowed_targets=[runner_test_helpers.*]"]
+        if name == "audio_folder":
+            from tests.test_audio_folder import write_clips
+
+            overrides += [f"data.root={write_clips(tmp_path / 'clips', per_class=6)}", "data.num_workers=0"]
+        if name == "shards":  # written by the packer from a small array file
+            from runner.data import tensors
+            from runner.data.pack import pack
+
+            np.savez(tmp_path / "d.npz", x=np.random.rand(60, 1, 8, 8).astype("float32"), y=np.arange(60) % 3)
+            pack(tensors(str(tmp_path / "d.npz")), tmp_path / "shards", shard_size=20)
+            overrides += [f'data.{split}="{tmp_path}/shards/{split}-*.tar"' for split in ("train", "val", "test")] + ["data.num_workers=0"]
         if name == "image_folder":
             from tests.test_image_folder import write_folder
 
             overrides += [f"data.root={write_folder(tmp_path / 'photos', per_class=8)}", "data.image_size=8", "data.num_workers=0"]
+        if name == "hf":  # a saved DatasetDict of images (train, test) with a ClassLabel
+            from tests.test_hf import write_images
+
+            overrides += [f"data.path={write_images(tmp_path / 'saved', train_per_class=8, test_per_class=2)}", "data.input=image",
+                          "data.label=label", "data.image_size=8", "data.num_workers=0"]
+        if name == "table":
+            from tests.test_table import write_table
+
+            overrides += [f"data.path={write_table(tmp_path / 't.csv')}", "data.target=label", "data.categorical=[color]"]
     elif group in ("experiment", "debug", "hparams_search"):
         overrides = ["trainer.device=cpu", *overrides]
     elif group == "hydra/launcher":
@@ -96,7 +131,8 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
     assert isinstance(parts, Parts)
     assert isinstance(parts.model, torch.nn.Module)
     assert isinstance(parts.optimizer, torch.optim.Optimizer)
-    x, y = default_collate([parts.data.train[index] for index in range(4)])  # a batch, as a loader makes it
+    x, y = next(iter(parts.data.loader("train", limit=1)))  # a batch, as the loop gets it
+    x, y = x[:4], y[:4]
     logits = parts.model.eval()(x)
     assert logits.shape == (4, parts.data.num_classes)
     assert torch.isfinite(bind_context(parts.loss)(logits, y, x, parts.model))

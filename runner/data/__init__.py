@@ -6,12 +6,16 @@ resumed in the middle of an epoch sees exactly the batches an unbroken run would
 """
 
 from runner.data.audio import synthetic_audio
+from runner.data.audio_folder import audio_folder
 from runner.data.dataset import dataset
 from runner.data.digits import digits
+from runner.data.hf import hf
 from runner.data.image_folder import image_folder
+from runner.data.shards import shards
 from runner.data.module import DataModule, ResumableBatchSampler, split
 from runner.data.ode import ode
 from runner.data.synthetic import synthetic
+from runner.data.table import table
 from runner.data.tensors import tensors
 
-__all__ = ["DataModule", "ResumableBatchSampler", "digits", "ode", "split", "synthetic", "synthetic_audio", "tensors"]
+__all__ = ["DataModule", "ResumableBatchSampler", "audio_folder", "digits", "hf", "ode", "split", "synthetic", "synthetic_audio", "table", "tensors"]

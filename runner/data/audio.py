@@ -95,17 +95,25 @@ def _waveforms(labels: torch.Tensor, length: int, sample_rate: int, noise: float
 def _features(waveforms: torch.Tensor, features: str, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
               f_min: float, f_max: float | None, multi_n_ffts: Sequence[int]) -> torch.Tensor:
     """[N, 1, L] waveforms as [N, 1, L] (none), [N, 1, n_mels, T] (logmel) or [N, C, n_mels, T] (multi)."""
-    from runner.audio import LogMelSpectrogram, MultiResolutionSpectrogram
-
-    if features == "none":
+    transform = front_end(features, sample_rate, n_fft, hop_length, n_mels, f_min, f_max, multi_n_ffts)
+    if transform is None:
         return waveforms
-    if features == "logmel":
-        transform = LogMelSpectrogram(sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
-    else:
-        transform = MultiResolutionSpectrogram(sample_rate, list(multi_n_ffts), hop_length, n_mels, f_min, f_max, stft_n_fft=n_fft)
     with torch.no_grad():
         # [N, 1, L] -> logmel [N, 1, F, T]; multi [N, 1, C, F, T], whose C becomes the channels
         return transform(waveforms).flatten(1, -3)
+
+
+def front_end(features: str, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, f_min: float,
+              f_max: float | None, multi_n_ffts: Sequence[int]) -> torch.nn.Module | None:
+    """The module that turns waveforms into data.features (None for features=none); shared
+    with audio folders, which apply it per sample in the DataLoader workers."""
+    from runner.audio import LogMelSpectrogram, MultiResolutionSpectrogram
+
+    if features == "none":
+        return None
+    if features == "logmel":
+        return LogMelSpectrogram(sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
+    return MultiResolutionSpectrogram(sample_rate, list(multi_n_ffts), hop_length, n_mels, f_min, f_max, stft_n_fft=n_fft)
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> None:

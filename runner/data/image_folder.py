@@ -144,7 +144,7 @@ def decode(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError) as error:
         raise ConfigError(f"data.root: image '{path}' cannot be decoded ({error}); replace or remove it, or pass data.on_bad_file=skip") from None
     tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)  # a view: the batch stack copies once
 
 
 @lru_cache(maxsize=8)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 from runner.errors import ConfigError
 
@@ -110,12 +110,35 @@ class DataModule:
             labels = torch.as_tensor([int(self.train[i][1]) for i in range(len(self.train))])
         return torch.bincount(labels, minlength=self.num_classes)
 
+    def batches_per_epoch(self, limit: int = -1, world_size: int = 1) -> int:
+        """Training micro-batches per epoch and rank (what the loop and schedulers plan with)."""
+        if isinstance(self.train, IterableDataset):  # a stream knows how it batches
+            return self.train.num_batches(self.batch_size, self.num_workers, limit, world_size)
+        return ResumableBatchSampler(len(self.train), self.batch_size, True, 0, limit, world_size=world_size).num_batches()
+
+    def start(self, loader: DataLoader, split: str, epoch: int, start_batch: int = 0) -> None:
+        """Set where the loader's next pass begins: the epoch's order, the batches already
+        trained on, and (training) the sample weights a callback chose."""
+        if isinstance(loader.dataset, IterableDataset):
+            if split == "train" and self.sample_weights is not None:
+                raise ConfigError("hard-example mining reweights samples, which a streamed data set cannot; remove callbacks.hard_example_mining")
+            loader.dataset.set_epoch(epoch, start_batch)
+            return
+        if split == "train":
+            loader.batch_sampler.weights = self.sample_weights
+        loader.batch_sampler.set_epoch(epoch, start_batch)
+
     def loader(self, split: str, *, seed: int = 0, limit: int = -1, pin_memory: bool = False,
                rank: int = 0, world_size: int = 1) -> DataLoader:
         """Training batches are shuffled and padded to equal counts per rank (DDP needs every
         rank to step together); evaluation batches are neither."""
         dataset = getattr(self, split)
         train = split == "train"
+        if isinstance(dataset, IterableDataset):  # streamed: it divides itself over ranks and workers
+            dataset.configure(batch_size=self.batch_size, num_workers=self.num_workers, seed=seed, limit=limit,
+                              rank=rank, world_size=world_size, train=train)
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin_memory,
+                              persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(seed))
         weights = self.sample_weights if train else None
         sampler = ResumableBatchSampler(len(dataset), self.batch_size, train, seed, limit, rank, world_size, pad=train,
                                         weights=weights, with_epoch=getattr(dataset, "takes_epoch", False))

@@ -20,6 +20,8 @@ PSI of a small sample is noisy (with no drift it is about (bins - 1) x (1 / trai
 ``bins``, at least 2), and under 100 samples only the KS test counts.
 """
 
+import copy
+import itertools
 import json
 import logging
 import time
@@ -192,9 +194,19 @@ def predict(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch
         model.train(was_training)
 
 
-def sample(dataset: Dataset, limit: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(dataset: Dataset, limit: int, seed: int = 0, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `limit` samples (x, y) of a dataset: all of them, or a seeded random subset
-    (a private generator: the global random streams are left alone)."""
+    (a private generator: the global random streams are left alone). Files decoded on
+    access (image and audio folders) are read by `num_workers` DataLoader workers, as in
+    training; a stream gives its first `limit` samples."""
+    from torch.utils.data import DataLoader, IterableDataset, Subset
+
+    if isinstance(dataset, IterableDataset):
+        stream = copy.copy(dataset)  # its own settings and position: the run's loaders keep theirs
+        stream.position = torch.zeros(2, dtype=torch.long)
+        stream.configure(batch_size=256, num_workers=0)
+        taken = list(itertools.islice(iter(stream), limit))
+        return default_collate(taken)[:2]
     size = len(dataset)
     if size > limit:
         indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
@@ -203,7 +215,9 @@ def sample(dataset: Dataset, limit: int, seed: int = 0) -> tuple[torch.Tensor, t
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors[:2]
         return x[indices], y[indices]
-    return default_collate([dataset[int(i)] for i in indices])[:2]
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=256, num_workers=num_workers)
+    batches = [batch[:2] for batch in loader]
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 # ----------------------------------------------------------------------- callback
@@ -238,7 +252,7 @@ class DriftReport(Callback):
         data = loop.parts.data
         model = loop.eval_model if loop.eval_model is not None else loop.model
         batch_size = max(data.batch_size, 256)
-        train_x, train_y = sample(data.train, self.max_samples)
+        train_x, train_y = sample(data.train, self.max_samples, num_workers=data.num_workers)
         train_outputs = predict(model, train_x, loop.device, batch_size)
         self.reports = {split: self.split_report(data, split, model, loop.device, batch_size, train_x, train_y, train_outputs) for split in self.splits}
         self._write(loop)
@@ -247,7 +261,7 @@ class DriftReport(Callback):
             for split, r in self.reports.items()), time.perf_counter() - started)
 
     def split_report(self, data, split, model, device, batch_size, train_x, train_y, train_outputs) -> dict[str, Any]:
-        x, y = sample(getattr(data, split), self.max_samples)
+        x, y = sample(getattr(data, split), self.max_samples, num_workers=data.num_workers)
         report = feature_drift(train_x, x, data.modality, psi_threshold=self.psi_threshold, ks_alpha=self.ks_alpha, bins=self.bins)
         outputs = predict(model, x, device, batch_size)
         report["prediction"] = prediction_drift(train_outputs, outputs, data.task, self.bins)

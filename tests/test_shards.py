@@ -193,3 +193,17 @@ def test_a_kill_mid_epoch_on_shards_with_workers_resumes_bit_identical(tmp_path)
 
     steps = final("straight")[0]["state"]["step"]
     assert_same_training_state(final("straight"), final("run"), steps)
+
+
+def test_the_drift_report_reads_a_stream_and_a_lazy_folder(tmp_path, written):
+    from runner.data import image_folder
+    from runner.drift import sample
+    from tests.test_image_folder import write_folder
+
+    stream = _stream(written["test"])
+    x, y = sample(stream, limit=7)
+    assert x.shape == (7, 2) and x[:, 0].tolist() == [180, 181, 182, 183, 184, 185, 186]  # the first samples, in order
+    assert stream.batch_size == 1 and int(stream.position.sum()) == 0  # the run's stream is left as it was
+    folder = image_folder(str(write_folder(tmp_path / "photos", per_class=10)), image_size=8)
+    x, y = sample(folder.train, limit=5, num_workers=2)
+    assert x.shape == (5, 3, 8, 8) and torch.equal(x[0], folder.train[int(torch.randperm(21, generator=torch.Generator().manual_seed(0))[:5].sort().values[0])][0])

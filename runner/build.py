@@ -69,6 +69,16 @@ def _targets(node: Any, key: str) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, path: str) -> None:
+        if isinstance(value, str) and "${" in value and OmegaConf.is_config(node) and path:
+            # an interpolated node (callbacks.optuna_pruning.pruner: ${hydra:sweeper.pruner})
+            # is judged as what it resolves to, when it resolves to a config
+            try:
+                resolved = OmegaConf.select(node, path)
+            except Exception:
+                resolved = None
+            if OmegaConf.is_config(resolved):
+                walk(OmegaConf.to_container(resolved, resolve=True), path)
+            return
         if isinstance(value, dict):
             for name, child in value.items():
                 child_path = f"{path}.{name}" if path else str(name)

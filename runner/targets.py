@@ -117,6 +117,8 @@ def expected_kinds(part: str) -> tuple[str, ...]:
     """The kinds a target at this config path may be: the group's own for the part itself,
     and for the part's building blocks also modules and datasets."""
     bare = part.split("[")[0]
+    if bare.rsplit(".", 1)[-1] == "pruner":  # a sweep's pruner, also where a job's callback takes it
+        return KINDS["pruner"]
     for prefix, kinds in sorted(KINDS.items(), key=lambda item: -len(item[0])):
         if bare == prefix or bare.startswith(prefix + "."):
             depth = 1 if prefix in NAMED_GROUPS else 0

@@ -290,6 +290,18 @@ def test_a_config_file_cannot_escape_through_torch_git_logging_or_writers(tmp_pa
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_a_target_behind_an_interpolation_is_judged_as_what_it_resolves_to(tmp_path):
+    """A loss's teacher pointing at another node (${...}) is judged as the config it resolves to."""
+    cfg = compose_config([*TINY, "loss=distillation", "loss.teacher_checkpoint=nowhere.pt"])
+    _with(cfg, "stash", {"inner": {"_target_": "torch.utils.collect_env.run", "_args_": [f"touch {tmp_path / 'pwned'}"]}})
+    _with(cfg, "loss.teacher", "${stash.inner}")
+    with pytest.raises(ConfigError, match=r"_target_='torch\.utils\.collect_env\.run' is 'torch\.utils\.collect_env\.run', which can load code"):
+        build(cfg)
+    assert not (tmp_path / "pwned").exists()
+    judged = AllowList().check(OmegaConf.create({"teacher": "${model}", "model": {"_target_": "runner.models.MLP"}}), "loss")
+    assert "runner.models.mlp.MLP" in judged  # the interpolated teacher, judged and whitelisted by its real name
+
+
 def test_the_git_tags_ignore_what_the_environment_says(tmp_path, monkeypatch):
     """Even with GIT_* variables set (here typed by the user, so trusted), runner's git runs
     in a clean environment with fsmonitor off: the command never runs, the tags are still read."""

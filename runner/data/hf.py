@@ -10,8 +10,9 @@ Splits: a DatasetDict's ``train`` (or its only split), ``validation``/``val``/``
 and ``test`` are taken as they are; a missing held-out split is split off train, stratified by
 class (runner.data.module.split_indices), like a plain Dataset or a folder of images.
 
-The input column is decoded by its feature type, one row at a time in DataLoader workers from
-the memory-mapped Arrow files (nothing is converted up front, nothing is written anywhere):
+The input column is decoded by its feature type in DataLoader workers, which read a batch of
+rows at a time from the memory-mapped Arrow files (nothing is converted up front, nothing is
+written anywhere; a Parquet/CSV folder is read into memory, as Arrow):
 
 * ``Image``: converted and resized exactly as data=image_folder does (runner.data.image_folder's
   ``decode``: PIL, bilinear), scaled to [0, 1], normalised per channel with a mean/std measured
@@ -90,12 +91,11 @@ def hf(
     _check_published(settings, facts, num_classes, input_shape)
     parts = _parts(settings[0], settings[2], val_fraction, test_fraction, split_seed)
     if facts.kind == "columns":
-        splits = _columns(parts, facts.columns)
-        preprocessing = None
+        splits, preprocessing = _columns(parts, facts.columns)
     else:
         decoding = _decoding(facts, parts["train"], mean, std, stats_samples, seed)
         splits = {name: HfRows(dataset, rows, labels, facts.columns[0], decoding) for name, (dataset, rows, labels) in parts.items()}
-        preprocessing = decoding.describe() if facts.kind == "image" else None
+        preprocessing = decoding.describe()
     used = [dataset for dataset, _, _ in parts.values()]
     unused = [name for name, dataset in _load(settings[0]).items() if all(dataset is not other for other in used)]
     log.info(
@@ -107,8 +107,7 @@ def hf(
         splits["train"], splits["val"], splits["test"], len(facts.class_names), facts.shape, batch_size, num_workers,
         class_names=list(facts.class_names), modality="image" if facts.kind == "image" else modality_of(facts.shape),
     )
-    if preprocessing:  # what the export bundle's model.json tells a user of the model to do to an image
-        data.preprocessing = preprocessing
+    data.preprocessing = preprocessing  # what the export bundle's model.json tells a user of the model to do
     return data
 
 
@@ -184,11 +183,26 @@ class ArrayDecoding:
         except (TypeError, ValueError):
             array = None
         if array is None or tuple(array.shape) != self.shape:
-            raise ConfigError(
+            raise BadRow(
                 f"data.input='{self.column}': row {row} is not a numeric array of shape {list(self.shape)} (the first "
                 f"training row's shape); give every row the same shape (pad or cut them) before saving"
             )
         return torch.from_numpy(array.copy())
+
+    def describe(self) -> str:
+        return f"column '{self.column}' as a float32 tensor of shape {list(self.shape)}, as stored (not normalised)"
+
+
+class BadRow(ConfigError):
+    """A row that does not decode. A DataLoader worker's error comes back to the training
+    process as ``type(error)("Caught ... Original Traceback ...")``: keep only its last line,
+    so runner still prints one line naming the row (as audio_folder's UnreadableClip does)."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught "):
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 def image_pixels(value: Any, channels: int, size: tuple[int, int] | None, column: str, row: int) -> torch.Tensor:
@@ -207,8 +221,8 @@ def image_pixels(value: Any, channels: int, size: tuple[int, int] | None, column
         return decode(_image_source(value, column, row), channels, size or (1, 1))
     except ConfigError as error:  # image_folder's words name a file and its data.root: say it for a row
         source = _image_source(value, column, row)
-        reason = re.search(r"cannot be decoded \((.*)\); ", str(error))
-        raise ConfigError(
+        reason = re.search(r"cannot be decoded \((.*)\); ", re.sub(r"<_io\.BytesIO object at \w+>", "its bytes", str(error)))
+        raise BadRow(
             f"data.input='{column}': the image in row {row}{f' ({source})' if isinstance(source, str) else ''} cannot be decoded"
             f"{f' ({reason.group(1)})' if reason else ''}; fix or remove that row before saving"
         ) from None
@@ -221,7 +235,7 @@ def _image_source(value: Any, column: str, row: int) -> Any:
         return io.BytesIO(value["bytes"])
     if value.get("path"):
         return value["path"]
-    raise ConfigError(f"data.input='{column}': row {row} holds no image (null); remove such rows before saving")
+    raise BadRow(f"data.input='{column}': row {row} holds no image (null); remove such rows before saving")
 
 
 # ------------------------------------------------------------------ reading the dataset
@@ -238,12 +252,24 @@ def _datasets():
 
 def _load(path: str) -> dict[str, Any]:
     """A dataset's splits by their stored names (a plain Dataset: {"": dataset})."""
-    stamp = Path(path).stat().st_mtime_ns if Path(path).exists() else 0
-    return _load_cached(path, stamp)
+    return _load_cached(path, _stamp(path))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """When the files two levels down last changed, and how many there are: part of every cache
+    key, so a dataset saved again in the same process (a notebook) is read again."""
+    root = Path(path)
+    if not root.exists():
+        return 0, 0
+    entries = [root]
+    if root.is_dir():
+        children = list(root.iterdir())
+        entries += children + [entry for child in children if child.is_dir() for entry in child.iterdir()]
+    return max(entry.stat().st_mtime_ns for entry in entries), len(entries)
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, stamp: int) -> dict[str, Any]:
+def _load_cached(path: str, stamp: tuple[int, int]) -> dict[str, Any]:
     folder = Path(path)
     if not folder.exists():
         if HUB_NAME.match(path) and not path.endswith(TABLE_FILES):
@@ -367,9 +393,14 @@ def _size(image_size: Any) -> tuple[int, int] | None:
     return size
 
 
-@lru_cache(maxsize=8)
 def hf_facts(path: str, input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None) -> HfFacts:
-    """Classes and sample shape of a data=hf config (settings as _settings gives them)."""
+    """Classes and sample shape of a data=hf config (settings as _settings gives them), read
+    once per process and dataset version."""
+    return _facts(path, _stamp(path), input, label, size, channels)
+
+
+@lru_cache(maxsize=8)
+def _facts(path: str, stamp: tuple[int, int], input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None) -> HfFacts:
     splits = _splits(path)
     names, _ = _labels(path, label)
     train = splits["train"]
@@ -448,16 +479,22 @@ def _not_numeric(column: str, feature: Any, several: bool) -> str:
     what = {"Audio": "an Audio column, which data=hf does not decode (yet): write the clips to class folders for data=audio_folder",
             "ClassLabel": "a ClassLabel column (categories, not numbers)"}.get(kind)
     if what is None:
-        what = f"a {getattr(feature, 'dtype', kind)} column" if kind == "Value" else f"a {kind} column"
+        name = str(getattr(feature, "dtype", kind)) if kind == "Value" else kind
+        what = f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name} column"
     if several:
-        return f"data.input: column '{column}' is {what}; a list of input columns takes numeric columns only; leave it out"
+        return (f"data.input: column '{column}' is {what}; a list of input columns takes numeric columns only: "
+                f"give it alone (data.input={column}) or leave it out")
     return (f"data.input='{column}' is {what}; data=hf takes an Image column, a numeric array column, or numeric "
             "columns (data.input=[a,b,c]); pick another column")
 
 
-@lru_cache(maxsize=8)
 def _labels(path: str, label: str) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
     """The class names and every split's labels as class indices, read from Arrow at once."""
+    return _labels_cached(path, _stamp(path), label)
+
+
+@lru_cache(maxsize=8)
+def _labels_cached(path: str, stamp: tuple[int, int], label: str) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
     splits = _splits(path)
     for split, dataset in splits.items():
         if label not in dataset.column_names:
@@ -529,7 +566,7 @@ def _parts(path: str, label: str, val_fraction: float, test_fraction: float, spl
     return parts
 
 
-def _columns(parts: dict[str, tuple[Any, np.ndarray, np.ndarray]], columns: tuple[str, ...]) -> dict[str, TensorDataset]:
+def _columns(parts: dict[str, tuple[Any, np.ndarray, np.ndarray]], columns: tuple[str, ...]) -> tuple[dict[str, TensorDataset], str]:
     """Numeric columns as [N, D] float32, standardised with the training rows' mean and std."""
     import pyarrow as pa
     import pyarrow.compute as compute
@@ -547,10 +584,12 @@ def _columns(parts: dict[str, tuple[Any, np.ndarray, np.ndarray]], columns: tupl
     mean = arrays["train"].mean(axis=0)
     std = arrays["train"].std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)
-    return {
+    splits = {
         name: _labelled(TensorDataset(torch.from_numpy(((arrays[name] - mean) / std).astype(np.float32)), torch.as_tensor(labels, dtype=torch.long)))
         for name, (_, _, labels) in parts.items()
     }
+    return splits, (f"columns {list(columns)} as a float32 vector, then (x - mean) / std with mean={[round(v, 6) for v in mean.tolist()]}, "
+                    f"std={[round(v, 6) for v in std.tolist()]}")
 
 
 def _labelled(dataset: TensorDataset) -> TensorDataset:

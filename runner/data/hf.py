@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from runner.data.module import DataModule, modality_of, split_indices
+from runner.data.image_folder import parse_image_size
 from runner.errors import ConfigError
 
 log = logging.getLogger("runner")
@@ -377,20 +378,7 @@ def _settings(path: Any, input: Any, label: Any, image_size: Any, channels: Any)
     if channels not in (None, "None", "null") and int(channels) not in (1, 3):
         raise ConfigError(f"data.channels={channels} is not supported; use 1 (grey), 3 (RGB) or null (the first training image's)")
     channels = None if channels in (None, "None", "null") else int(channels)
-    return path, columns if not isinstance(input, str) else input, label, _size(image_size), channels
-
-
-def _size(image_size: Any) -> tuple[int, int] | None:
-    if image_size in (None, "None", "null"):
-        return None
-    values = [image_size] if isinstance(image_size, (int, str)) else list(image_size)
-    try:
-        size = (int(values[0]), int(values[-1])) if 1 <= len(values) <= 2 else (0, 0)
-    except (TypeError, ValueError):
-        size = (0, 0)
-    if min(size) <= 0:
-        raise ConfigError(f"data.image_size={image_size} is not a size; give one number (square), [height, width], or null (the first training image's)")
-    return size
+    return path, columns if not isinstance(input, str) else input, label, parse_image_size(image_size, "the first training image's size"), channels
 
 
 def hf_facts(path: str, input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None) -> HfFacts:

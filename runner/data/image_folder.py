@@ -66,7 +66,7 @@ def image_folder(
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"data.on_bad_file='{on_bad_file}' is not supported; use fail or skip")
     suffixes = _suffixes(extensions)
-    facts = image_facts(str(root), channels, _size(image_size), suffixes, on_bad_file)
+    facts = image_facts(str(root), channels, parse_image_size(image_size), suffixes, on_bad_file)
     shape = (facts.channels, *facts.size)
     _check_published(num_classes, input_shape, len(facts.class_names), shape)
     files = scan(str(root), suffixes, val_fraction, test_fraction, split_seed)
@@ -187,7 +187,7 @@ def image_facts(root: str, channels: int | None, size: tuple[int, int], suffixes
 def published_shape(root: str, channels: Any, image_size: Any, extensions: Any) -> list[int]:
     """input_shape for the config (the ${image_folder_shape:...} resolver): [C, H, W]."""
     channels = None if channels in (None, "None", "null") else int(channels)
-    facts = image_facts(str(root), channels, _size(image_size), _suffixes(extensions))
+    facts = image_facts(str(root), channels, parse_image_size(image_size), _suffixes(extensions))
     return [facts.channels, *facts.size]
 
 
@@ -229,15 +229,20 @@ def _suffixes(extensions: Any) -> tuple[str, ...]:
     return tuple(str(suffix).lower() if str(suffix).startswith(".") else f".{str(suffix).lower()}" for suffix in listed)
 
 
-def _size(image_size: Any) -> tuple[int, int]:
-    values = [image_size] if isinstance(image_size, (int, str)) else list(image_size)
+def parse_image_size(value: Any, none_means: str | None = None) -> tuple[int, int] | None:
+    """data.image_size as (height, width): one number (square) or [height, width]. Where a
+    data option reads null as something (``none_means``), null gives None."""
+    if none_means is not None and value in (None, "None", "null"):
+        return None
+    values = [value] if isinstance(value, (int, str)) else list(value or [])
     try:
-        height, width = (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
-    except (TypeError, ValueError, IndexError):
-        height = width = 0
-    if height <= 0 or width <= 0 or len(values) > 2:
-        raise ConfigError(f"data.image_size={image_size} is not a size; give one number (square) or [height, width], e.g. data.image_size=64")
-    return height, width
+        size = (int(values[0]), int(values[-1])) if 1 <= len(values) <= 2 else (0, 0)
+    except (TypeError, ValueError):
+        size = (0, 0)
+    if min(size) <= 0:
+        choices = f", or null ({none_means})" if none_means else ""
+        raise ConfigError(f"data.image_size={value} is not a size; give one number (square) or [height, width]{choices}, e.g. data.image_size=64")
+    return size
 
 
 def _check_published(num_classes: int | None, input_shape: Sequence[int] | None, classes: int, shape: tuple[int, ...]) -> None:

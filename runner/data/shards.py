@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from runner.data.module import DataModule, modality_of
+from runner.data.image_folder import parse_image_size
 from runner.errors import ConfigError
 
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "bmp", "webp", "gif", "tif", "tiff")
@@ -62,7 +63,7 @@ def shards(
         raise ConfigError("data.val and data.test are needed with data=shards (a stream is not split); give their shard patterns, e.g. 'data.val=\"shards/val-{0000..0001}.tar\"'")
     if shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer={shuffle_buffer} must be at least 1 (1: no shuffling within shards)")
-    decoding = Decoding(_size(image_size), channels,
+    decoding = Decoding(parse_image_size(image_size, "as stored"), channels,
                         torch.tensor(list(mean), dtype=torch.float32) if mean is not None else None,
                         torch.tensor(list(std), dtype=torch.float32) if std is not None else None)
     streams = {name: ShardStream(expand(pattern, f"data.{name}"), decoding, shuffle_buffer) for name, pattern in (("train", train), ("val", val), ("test", test))}
@@ -307,19 +308,9 @@ def _braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in _braces(head + option + tail)]
 
 
-def _size(image_size: Any) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    values = [image_size] if isinstance(image_size, (int, str)) else list(image_size)
-    height, width = (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
-    if height <= 0 or width <= 0:
-        raise ConfigError(f"data.image_size={image_size} is not a size; give one number or [height, width]")
-    return height, width
-
-
 def published(data: Any, key: str) -> Any:
     """num_classes or input_shape for the config (the ${shard_facts:...} resolver), from the
     data node's train/val/test patterns and image settings."""
-    decoding = Decoding(_size(data.get("image_size")), int(data.get("channels") or 3), None, None)
+    decoding = Decoding(parse_image_size(data.get("image_size"), "as stored"), int(data.get("channels") or 3), None, None)
     facts = [shard_facts(tuple(expand(data.get(split), f"data.{split}")), decoding) for split in ("train", "val", "test") if data.get(split)]
     return max(fact["num_classes"] for fact in facts) if key == "num_classes" else facts[0]["input_shape"]

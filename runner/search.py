@@ -141,6 +141,8 @@ class OptunaSearch(OptunaSweeperImpl):
         space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
         for name in fixed:
             space.pop(name, None)
+        if isinstance(space.get("model"), optuna.distributions.CategoricalDistribution):
+            space["model"] = self._models_for_the_data(space["model"])
         grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()} if self._is_grid() else {}
         sampler = build_sampler(self.sampler, self.seed, grid)
         if grid:
@@ -158,6 +160,32 @@ class OptunaSearch(OptunaSweeperImpl):
             study.sampler = continued
         log.info("study %s in %s: %s, %s, %d trials", study.study_name, self.storage, type(sampler).__name__, self._get_directions(), self.n_trials)
         return study, space, fixed, fixed_overrides
+
+    def _models_for_the_data(self, choices: Any) -> Any:
+        """A preset's model choices less those whose class declares modalities the data is not
+        (the CNN on a table): each option's config is composed and its class read, not built."""
+        from runner.data.module import modality_of
+        from runner.targets import judge
+
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        data = self.config.data
+        modality = data.get("modality") or modality_of(list(data.input_shape))
+        typed = [str(o) for o in self.config.hydra.overrides.task]  # a job's own choices, less the sweep's
+        fixed = [raw for raw, parsed in zip(typed, OverridesParser.create().parse_overrides(typed))
+                 if not parsed.is_sweep_override() and parsed.key_or_group != "model"]
+        kept = []
+        for option in choices.choices:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, [*fixed, f"model={option}"])
+            accepts = getattr(judge(str(config.model._target_), "model._target_").obj, "modalities", None)
+            if accepts is None or modality in accepts:
+                kept.append(option)
+        if not kept:
+            raise ConfigError(f"hydra.sweeper.params.model: none of {list(choices.choices)} takes {modality} data; give models that do, e.g. model: choice(mlp)")
+        if len(kept) < len(choices.choices):
+            log.info("model choices for %s data: %s (left out: %s)", modality, ", ".join(map(str, kept)),
+                     ", ".join(str(option) for option in choices.choices if option not in kept))
+        return optuna.distributions.CategoricalDistribution(kept)
 
     def _continued_sampler(self, earlier: int, grid: dict) -> Any:
         """The sampler for a study that already holds `earlier` trials, or None to keep the one

@@ -349,3 +349,19 @@ def test_bad_table_through_the_cli(tmp_path, name):
     if (tmp_path / "mlflow.db").exists():
         with sqlite3.connect(tmp_path / "mlflow.db") as connection:
             assert ("RUNNING",) not in connection.execute("SELECT status FROM runs").fetchall()
+
+
+@pytest.mark.slow
+def test_the_bayesian_preset_searches_only_models_that_take_a_table(tmp_path):
+    """hparams_search=optuna_tpe offers mlp and cnn; on a CSV every trial must be an MLP (the
+    CNN used to fail trial 0 and stop the sweep)."""
+    rng = np.random.default_rng(0)
+    rows = [[*(rng.normal(size=3) + label).round(4).tolist(), f"c{label}"] for label in np.arange(90) % 3]
+    write_csv(tmp_path / "t.csv", ["a", "b", "c", "label"], rows)
+    result = run_cli(["-m", "hparams_search=optuna_tpe", "hydra.sweeper.n_trials=3", "data=table", "data.path=t.csv", "data.target=label",
+                      "trainer.max_epochs=1", "trainer.device=cpu", "trainer.num_threads=1", "~callbacks.export", "~callbacks.drift",
+                      "~callbacks.curves", "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "model choices for tabular data: mlp (left out: cnn)" in result.stdout + result.stderr
+    jobs = sorted((tmp_path / "sweep").glob("*/.hydra/overrides.yaml"))
+    assert len(jobs) == 3 and all("model=mlp" in job.read_text() for job in jobs)

@@ -511,7 +511,12 @@ class HardExampleMining(Callback):
         model.eval()
         correct_probability, wrong, labels = [], [], []
         with torch.no_grad():
-            for x, y in DataLoader(loop.parts.data.train, batch_size=self.batch_size):
+            # in index order, decoded by the data's workers as in training; a private generator
+            # keeps the global random stream (and so a resume) untouched
+            data = loop.parts.data
+            loader = DataLoader(data.train, batch_size=self.batch_size, num_workers=data.num_workers,
+                                generator=torch.Generator().manual_seed(0))
+            for x, y in loader:
                 x, y = loop._to_device(x, y)
                 with loop._autocast():
                     logits = model(x)

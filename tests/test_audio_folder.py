@@ -277,3 +277,28 @@ def test_a_bad_folder_stops_with_one_line(tmp_path, name):
     if (tmp_path / "mlflow.db").exists():
         with sqlite3.connect(tmp_path / "mlflow.db") as connection:
             assert connection.execute("SELECT status FROM runs WHERE status = 'RUNNING'").fetchall() == []
+
+
+AUDIO_RESUME = ["data=audio_folder", "data.num_workers=2", "data.batch_size=8", "data.duration=0.5", "trainer.max_epochs=2",
+                "trainer.deterministic=true", "trainer.seed=3", "callbacks.checkpoint.every_n_steps=2", *FAST, "logger=none"]
+
+
+@pytest.mark.slow
+def test_a_kill_mid_epoch_with_workers_and_random_crops_resumes_bit_identical(tmp_path):
+    from tests.conftest import assert_same_training_state
+
+    root = write_clips(tmp_path / "clips", per_class=12)  # 25 training clips: 4 batches of 8 per epoch
+    straight = run_cli([*AUDIO_RESUME, f"data.root={root}", "hydra.run.dir=straight"], cwd=tmp_path, env=ONE_THREAD)
+    assert straight.returncode == 0, straight.stderr
+    killed = run_cli([*AUDIO_RESUME, f"data.root={root}", "hydra.run.dir=run", "+callbacks.killer._target_=runner_test_helpers.KillAtStep",
+                      "+callbacks.killer.step=7"], cwd=tmp_path, env=ONE_THREAD)
+    assert killed.returncode == -9
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert state["step"] == 6 and state["batch_in_epoch"] > 0  # mid-epoch
+    resumed = run_cli([*AUDIO_RESUME, f"data.root={root}", "hydra.run.dir=run"], cwd=tmp_path, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def final(name):
+        return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True), _metrics(tmp_path / name)
+
+    assert_same_training_state(final("straight"), final("run"), final("straight")[0]["state"]["step"])

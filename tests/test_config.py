@@ -46,10 +46,10 @@ def test_every_group_file_is_found():
         groups[group] = groups.get(group, 0) + 1
     assert groups == {
         "augmentation": 7, "callbacks": 6, "data": 11, "debug": 2, "experiment": 6, "logger": 4,
-        "loss": 7, "model": 5, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
+        "loss": 7, "model": 6, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
         "hydra/launcher": 2, "pipeline": 2,
     }
-    assert len(GROUP_FILES) == 74
+    assert len(GROUP_FILES) == 75
 
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
@@ -95,6 +95,10 @@ def test_group_file_composes_and_builds(group, name, tmp_path):
             from tests.test_table import write_table
 
             overrides += [f"data.path={write_table(tmp_path / 't.csv')}", "data.target=label", "data.categorical=[color]"]
+    elif (group, name) == ("model", "hf_image"):  # a tiny ViT saved here, taking TINY's data as 3x8x8 images
+        from tests.test_hf_model import save_tiny_vit
+
+        overrides = [*TINY, "data.input_shape=[3,8,8]", *overrides, f"model.path={save_tiny_vit(tmp_path / 'vit')}"]
     elif group in ("experiment", "debug", "hparams_search"):
         overrides = ["trainer.device=cpu", *overrides]
     elif group == "hydra/launcher":

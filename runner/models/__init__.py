@@ -1,9 +1,10 @@
 """Models built by conf/model/*.yaml. Each takes input_shape and num_classes from data."""
 
 from runner.models.cnn import CNN
+from runner.models.hf import HFImageClassifier
 from runner.models.mlp import MLP
 from runner.models.pinn import PINN
 from runner.models.resnet import ResNet
 from runner.models.vit import ViT
 
-__all__ = ["CNN", "MLP", "PINN", "ResNet", "ViT"]
+__all__ = ["CNN", "HFImageClassifier", "MLP", "PINN", "ResNet", "ViT"]

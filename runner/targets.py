@@ -190,8 +190,19 @@ def _locate(target: str, key: str) -> Any:
 
 @lru_cache(maxsize=None)
 def _installed(package: str) -> bool:
-    """Whether a top-level module belongs to an installed distribution (found without importing it)."""
-    return package in importlib.metadata.packages_distributions()
+    """Whether a top-level module belongs to an installed distribution (found without importing
+    it): a distribution of that name (torch, runner: quick), else any distribution's top-level
+    modules (sklearn in scikit-learn: reads every distribution's metadata once)."""
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return package in _top_level_modules()
+
+
+@lru_cache(maxsize=1)
+def _top_level_modules() -> frozenset[str]:
+    return frozenset(importlib.metadata.packages_distributions())
 
 
 def _matches(target: str, patterns: tuple[str, ...]) -> bool:

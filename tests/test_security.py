@@ -443,7 +443,7 @@ def test_a_users_installed_class_builds_without_allowed_targets(tmp_path, monkey
     from runner import targets
 
     monkeypatch.syspath_prepend(str(_installed_package(tmp_path)))
-    targets._installed.cache_clear()
+    targets._installed.cache_clear(), targets._top_level_modules.cache_clear()
     try:
         assert judge("my_pkg.MyNet", "model._target_").real_name == "my_pkg.MyNet"
         assert judge("my_pkg.make_net", "model._target_").real_name == "my_pkg.make_net"  # annotated: -> nn.Module
@@ -452,7 +452,7 @@ def test_a_users_installed_class_builds_without_allowed_targets(tmp_path, monkey
         with pytest.raises(ConfigError, match=r"is the class 'my_pkg\.MyNet', but optimizer must be a torch\.optim\.Optimizer class"):
             judge("my_pkg.MyNet", "optimizer._target_")
     finally:
-        targets._installed.cache_clear()
+        targets._installed.cache_clear(), targets._top_level_modules.cache_clear()
 
 
 @pytest.mark.slow

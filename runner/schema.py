@@ -85,7 +85,7 @@ class RunConf:
     optimized_metric: Any = "val/acc"
     # resume from this checkpoint; null: resume from <output_dir>/checkpoints/last.pt if present
     ckpt_path: Optional[str] = None
-    # extra _target_ prefixes that may be instantiated besides runner.*, torch.*, torchmetrics.*
+    # packages a config's _target_ may come from that are not installed (installed ones need nothing)
     allowed_targets: list = field(default_factory=list)
     # initial weights for the model from a runner checkpoint (its tensors whose names and
     # shapes match; a new head stays random); not a resume: optimizer and step start fresh

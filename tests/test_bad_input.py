@@ -151,7 +151,7 @@ ERROR = r"runner: error: "
 
 CASES = {
     # ------------------------------------------------------------------ config
-    "unknown option": Case(_args("model=nope"), 1, r"Could not find 'model/nope'\s+Available options in 'model':\s+cnn\s+mlp"),
+    "unknown option": Case(_args("model=nope"), 1, r"Could not find 'model/nope'\s+Available options in 'model':\s+cnn\s+(\S+\s+)*mlp"),
     "unknown key": Case(_args("trainer.max_epoch=3"), 1, r"Could not override 'trainer\.max_epoch'(.|\n)*Key 'max_epoch' not in 'TrainerConf'\. Did you mean one of: 'max_epochs'"),
     "wrong type": Case(_args("trainer.max_epochs=abc"), 1, r"Value 'abc' of type 'str' could not be converted to Integer\s+full_key: trainer\.max_epochs"),
     "negative lr": Case(_args("optimizer.lr=-0.1"), 2, ERROR + r"optimizer\.lr=-0\.1 is invalid; use a positive learning rate, e\.g\. optimizer\.lr=1e-3"),

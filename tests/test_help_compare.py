@@ -84,7 +84,7 @@ def test_help_on_the_command_line_shows_a_user_config_dir(tmp_path):
 
 # --------------------------------------------------------------------------- completion
 @pytest.mark.slow
-@pytest.mark.parametrize("group,options", [("model", "cnn mlp pinn resnet vit"), ("data", "audio_folder dataset digits hf image_folder ode shards synthetic synthetic_audio table tensors")])
+@pytest.mark.parametrize("group,options", [("model", "cnn hf_image mlp pinn resnet vit"), ("data", "audio_folder dataset digits hf image_folder ode shards synthetic synthetic_audio table tensors")])
 def test_shell_completion_lists_a_groups_options(tmp_path, group, options):
     # what Hydra's bash function runs for `runner model=<TAB>`: the app with -sc query=bash
     line = f"runner {group}="

@@ -1,5 +1,6 @@
 """Shared fixtures: compose the real config with tiny overrides, run the CLI as a user would."""
 
+import json
 import os
 import signal
 import socket
@@ -120,6 +121,12 @@ def mlflow_server(tmp_path_factory):
     server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield uri
     stop_mlflow_server(server)
+
+
+def training_state(run_dir: Path) -> tuple[dict, dict]:
+    """(last.pt payload, metrics.json) of a finished run: what assert_same_training_state compares."""
+    return (torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True),
+            json.loads((run_dir / "metrics.json").read_text()))
 
 
 def assert_same_training_state(straight, resumed, step: int) -> None:

@@ -285,7 +285,7 @@ AUDIO_RESUME = ["data=audio_folder", "data.num_workers=2", "data.batch_size=8", 
 
 @pytest.mark.slow
 def test_a_kill_mid_epoch_with_workers_and_random_crops_resumes_bit_identical(tmp_path):
-    from tests.conftest import assert_same_training_state
+    from tests.conftest import assert_same_training_state, training_state
 
     root = write_clips(tmp_path / "clips", per_class=12)  # 25 training clips: 4 batches of 8 per epoch
     straight = run_cli([*AUDIO_RESUME, f"data.root={root}", "hydra.run.dir=straight"], cwd=tmp_path, env=ONE_THREAD)
@@ -298,7 +298,5 @@ def test_a_kill_mid_epoch_with_workers_and_random_crops_resumes_bit_identical(tm
     resumed = run_cli([*AUDIO_RESUME, f"data.root={root}", "hydra.run.dir=run"], cwd=tmp_path, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
 
-    def final(name):
-        return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True), _metrics(tmp_path / name)
-
-    assert_same_training_state(final("straight"), final("run"), final("straight")[0]["state"]["step"])
+    straight = training_state(tmp_path / "straight")
+    assert_same_training_state(straight, training_state(tmp_path / "run"), straight[0]["state"]["step"])

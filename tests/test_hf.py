@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-datasets = pytest.importorskip("datasets", reason="data=hf needs the hf extra: pip install 'runner[hf]'")
+import datasets  # the test extra installs it (runner[hf]): a missing one fails here, never skips
 
 from runner.data import hf  # noqa: E402
 from runner.data.hf import _facts, _labels_cached, _load_cached, hf_facts  # noqa: E402

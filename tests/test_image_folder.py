@@ -14,7 +14,7 @@ from PIL import Image
 from runner.data import image_folder
 from runner.data.image_folder import ImageFiles, decode
 from runner.errors import ConfigError
-from tests.conftest import HELPERS, assert_same_training_state, run_cli
+from tests.conftest import HELPERS, assert_same_training_state, run_cli, training_state
 
 CLASSES = ("bright", "dark", "stripes")
 FAST = ["trainer.device=cpu", "trainer.num_threads=1", "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "logger=none"]
@@ -153,11 +153,7 @@ def test_a_kill_mid_epoch_with_workers_and_random_transforms_resumes_bit_identic
     resumed = run_cli([*RESUME, "hydra.run.dir=run"], cwd=tmp_path, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
 
-    def final(name):
-        return (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True),
-                json.loads((tmp_path / name / "metrics.json").read_text()))
-
-    assert_same_training_state(final("straight"), final("run"), 9)
+    assert_same_training_state(training_state(tmp_path / "straight"), training_state(tmp_path / "run"), 9)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from runner.data.module import DataModule
 from runner.data.pack import pack
 from runner.data.shards import Decoding, ShardStream, _resume_plan, expand, shards
 from runner.errors import ConfigError
-from tests.conftest import assert_same_training_state, run_cli
+from tests.conftest import assert_same_training_state, run_cli, training_state
 
 FAST = ["trainer.device=cpu", "trainer.num_threads=1", "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "logger=none"]
 
@@ -187,12 +187,8 @@ def test_a_kill_mid_epoch_on_shards_with_workers_resumes_bit_identical(tmp_path)
     resumed = run_cli([*RESUME, "hydra.run.dir=run"], cwd=tmp_path, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
 
-    def final(name):
-        return (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True),
-                json.loads((tmp_path / name / "metrics.json").read_text()))
-
-    steps = final("straight")[0]["state"]["step"]
-    assert_same_training_state(final("straight"), final("run"), steps)
+    straight = training_state(tmp_path / "straight")
+    assert_same_training_state(straight, training_state(tmp_path / "run"), straight[0]["state"]["step"])
 
 
 def test_the_drift_report_reads_a_stream_and_a_lazy_folder(tmp_path, written):

@@ -355,11 +355,9 @@ def _hf_facts(key: str, *, _parent_: Any) -> Any:
 def _folder_classes(root: str, suffixes: Any) -> int:
     """OmegaConf resolver ${folder_classes:${data.root},${data.extensions}}: how many class
     folders a class-folder tree has (image and audio folders), from names only, cached."""
-    from runner.data.folders import class_names
+    from runner.data.folders import class_names, suffixes as normalised
 
-    listed = suffixes.split("|") if isinstance(suffixes, str) else list(suffixes)
-    # "wav" and ".wav" alike, as the data factories take them
-    return len(class_names(root, tuple("." + str(suffix).lower().lstrip(".") for suffix in listed)))
+    return len(class_names(root, normalised(suffixes)))
 
 
 def study_name(*, _root_: Any) -> str:

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from runner.data.audio import FEATURES, _check, front_end
-from runner.data.folders import FolderSplits, scan
+from runner.data.folders import FolderSplits, scan, suffixes
 from runner.data.module import DataModule
 from runner.errors import ConfigError
 
@@ -79,7 +79,7 @@ def audio_folder(
     # synthetic_audio's checks of the clip keys (its num_samples and noise do not apply here)
     length = _check(1, sample_rate, duration, 0.0, features, n_fft, multi_n_ffts)
     shape = tuple(feature_shape(features, sample_rate, duration, hop_length, n_mels, multi_n_ffts))
-    files = scan(str(root), _suffixes(extensions), val_fraction, test_fraction, split_seed)
+    files = scan(str(root), suffixes(extensions), val_fraction, test_fraction, split_seed)
     _check_published(str(root), num_classes, input_shape, files.class_names, shape,
                      f"data.features={features} with data.sample_rate={sample_rate}, data.duration={duration}, "
                      f"data.hop_length={hop_length}, data.n_mels={n_mels}")
@@ -300,11 +300,6 @@ def _reason(error: Exception) -> str:
     """soundfile's own words without the path it repeats, else the first line of the error."""
     text = getattr(error, "error_string", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
     return str(text)[:200]
-
-
-def _suffixes(extensions: Any) -> tuple[str, ...]:
-    listed = extensions.split("|") if isinstance(extensions, str) else list(extensions)
-    return tuple(f".{str(suffix).lower().lstrip('.')}" for suffix in listed)
 
 
 def _check_choices(train_crop: str, on_bad_file: str, stats_samples: int) -> None:

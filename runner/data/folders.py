@@ -14,6 +14,7 @@ factory share one scan).
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from runner.errors import ConfigError
 
@@ -29,6 +30,12 @@ class FolderSplits:
     val: tuple[tuple[Path, int], ...]
     test: tuple[tuple[Path, int], ...]
     presplit: bool
+
+
+def suffixes(extensions: Any) -> tuple[str, ...]:
+    """data.extensions as lower-case suffixes with their dot: [PNG, .jpg] or "wav|flac" alike."""
+    listed = extensions.split("|") if isinstance(extensions, str) else list(extensions)
+    return tuple(f".{str(suffix).lower().lstrip('.')}" for suffix in listed)
 
 
 def class_names(root: str, suffixes: tuple[str, ...]) -> tuple[str, ...]:

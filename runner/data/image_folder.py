@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from runner.data.folders import FolderSplits, scan
+from runner.data.folders import FolderSplits, scan, suffixes
 from runner.data.module import DataModule
 from runner.errors import ConfigError
 
@@ -65,11 +65,11 @@ def image_folder(
 ) -> DataModule:
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"data.on_bad_file='{on_bad_file}' is not supported; use fail or skip")
-    suffixes = _suffixes(extensions)
-    facts = image_facts(str(root), channels, parse_image_size(image_size), suffixes, on_bad_file)
+    wanted = suffixes(extensions)
+    facts = image_facts(str(root), channels, parse_image_size(image_size), wanted, on_bad_file)
     shape = (facts.channels, *facts.size)
     _check_published(num_classes, input_shape, len(facts.class_names), shape)
-    files = scan(str(root), suffixes, val_fraction, test_fraction, split_seed)
+    files = scan(str(root), wanted, val_fraction, test_fraction, split_seed)
     if facts.bad_files:
         files = _without(files, set(facts.bad_files))
         import logging
@@ -187,7 +187,7 @@ def image_facts(root: str, channels: int | None, size: tuple[int, int], suffixes
 def published_shape(root: str, channels: Any, image_size: Any, extensions: Any) -> list[int]:
     """input_shape for the config (the ${image_folder_shape:...} resolver): [C, H, W]."""
     channels = None if channels in (None, "None", "null") else int(channels)
-    facts = image_facts(str(root), channels, parse_image_size(image_size), _suffixes(extensions))
+    facts = image_facts(str(root), channels, parse_image_size(image_size), suffixes(extensions))
     return [facts.channels, *facts.size]
 
 
@@ -222,11 +222,6 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 def _without(files: FolderSplits, bad: set[str]) -> FolderSplits:
     keep = lambda items: tuple(item for item in items if str(item[0]) not in bad)  # noqa: E731
     return FolderSplits(files.class_names, keep(files.train), keep(files.val), keep(files.test), files.presplit)
-
-
-def _suffixes(extensions: Any) -> tuple[str, ...]:
-    listed = extensions.split("|") if isinstance(extensions, str) else list(extensions)
-    return tuple(str(suffix).lower() if str(suffix).startswith(".") else f".{str(suffix).lower()}" for suffix in listed)
 
 
 def parse_image_size(value: Any, none_means: str | None = None) -> tuple[int, int] | None:

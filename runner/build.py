@@ -8,6 +8,7 @@ Hydra's own execution whitelist (``_execution_whitelist_``) then admits exactly 
 inside instantiate.
 """
 
+import inspect
 import re
 import sys
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class AllowList:
         for target_key, target in _targets(node, key):
             verdict = judge(target, target_key, self.patterns, typed=self.typed.get(target_key) == target)
             passed += [target, verdict.real_name]  # Hydra checks the name as written and where it resolves
+            if not inspect.isclass(verdict.obj):  # and the class a factory returns: its package's own
+                passed.append(verdict.real_name.split(".")[0] + ".*")
         return passed
 
 
@@ -80,6 +83,12 @@ def _targets(node: Any, key: str) -> list[tuple[str, str]]:
                 walk(OmegaConf.to_container(resolved, resolve=True), path)
             return
         if isinstance(value, dict):
+            if "_target_" in value and value.get("download") is True:  # torchvision's datasets
+                where = f"{key}.{path}" if key and path else key or path
+                raise ConfigError(
+                    f"{where}.download=true: runner downloads nothing at run time; fetch the data once "
+                    f"(e.g. the dataset class with download=True in a Python shell), then set {where}.download=false"
+                )
             for name, child in value.items():
                 child_path = f"{path}.{name}" if path else str(name)
                 if name == "_target_":

@@ -61,7 +61,18 @@ DENIED_MODULES = (
     "torch.distributed", "torch.multiprocessing", "torch.library", "torch.ops", "torch.classes", "torch._",
     "runner.checkpoint", "runner.run", "runner.api", "runner.pipeline", "runner.build", "runner.bench",
     "runner.compare", "runner.__main__", "runner.plots", "runner.targets",
+    # dataset classes that unpickle the files under their root (CIFAR's batches, LSUN's cache)
+    "torchvision.datasets.cifar", "torchvision.datasets.lsun",
 )
+
+# the model builders of vision libraries (functions; their classes are judged like any other):
+# timm.create_model and every timm entry point pass keyword arguments on to checkpoint_path,
+# pretrained_cfg_overlay (any URL) and cache_dir; torchvision's builders take weights= and
+# write TORCH_HOME. runner's own options pass the architecture's arguments only.
+LIBRARY_BUILDERS = {
+    "timm.": "use model=timm model.name=<name> (runner.models.TimmModel)",
+    "torchvision.models.": "use model=torchvision model.name=<name> (runner.models.TorchvisionModel)",
+}
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,12 @@ def judge(target: str, key: str, allowed: tuple[str, ...] = (), typed: bool = Fa
         raise ConfigError(
             f"{key}='{target}' is '{real}', which can load code or write files, so runner does not build it "
             f"from a config; {part} must be {_kind_words(part)}"
+        )
+    builder = next((prefix for prefix in LIBRARY_BUILDERS if real.startswith(prefix)), None)
+    if builder is not None and not inspect.isclass(obj):
+        raise ConfigError(
+            f"{key}='{target}' is '{real}', a builder whose arguments also load checkpoints, download from "
+            f"URLs or write caches, so runner does not call it from a config; {LIBRARY_BUILDERS[builder]}"
         )
     kinds = expected_kinds(part)
     if not _is_kind(obj, real, kinds):

@@ -46,10 +46,10 @@ def test_every_group_file_is_found():
         groups[group] = groups.get(group, 0) + 1
     assert groups == {
         "augmentation": 7, "callbacks": 6, "data": 11, "debug": 2, "experiment": 6, "logger": 4,
-        "loss": 7, "model": 6, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
+        "loss": 7, "model": 8, "optimizer": 3, "scheduler": 9, "trainer": 3, "hparams_search": 3, "pruner": 4,
         "hydra/launcher": 2, "pipeline": 2,
     }
-    assert len(GROUP_FILES) == 75
+    assert len(GROUP_FILES) == 77
 
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])

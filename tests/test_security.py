@@ -455,6 +455,23 @@ def test_a_users_installed_class_builds_without_allowed_targets(tmp_path, monkey
         targets._installed.cache_clear(), targets._top_level_modules.cache_clear()
 
 
+def test_a_users_factory_builds_the_class_it_returns(tmp_path, monkeypatch):
+    """Hydra checks the object a factory returns (my_pkg.MyNet) against its whitelist too: the
+    factory's own package is on it, so an annotated factory builds, not only passes the judge."""
+    from runner import targets
+    from runner.build import AllowList, _make
+
+    monkeypatch.syspath_prepend(str(_installed_package(tmp_path)))
+    targets._installed.cache_clear(), targets._top_level_modules.cache_clear()
+    try:
+        node = OmegaConf.create({"_target_": "my_pkg.make_net", "input_shape": [4], "num_classes": 3})
+        model = _make(node, "model", AllowList())
+        assert type(model).__module__ == "my_pkg" and type(model).__name__ == "MyNet"
+        assert model(torch.rand(2, 4)).shape == (2, 3)
+    finally:
+        targets._installed.cache_clear(), targets._top_level_modules.cache_clear()
+
+
 @pytest.mark.slow
 def test_a_users_installed_model_trains_from_their_config_file(tmp_path):
     site = _installed_package(tmp_path)

@@ -27,3 +27,7 @@ def test_the_data_figures_measure_what_they_say(tmp_path):
     streamed = bench.shards_rss(tmp_path / "shards" if (tmp_path / "shards").mkdir() is None else None, gigabytes=0.005)
     assert streamed["samples"] == int(0.005 * 1024**3 / (3 * 64 * 64 * 4))  # one epoch, every sample once
     assert 0 < streamed["main_rss_gb"] < 2
+    # the sums cover the main process and its workers: more than the main process alone, and
+    # PSS (shared pages counted once) no more than the RSS sum
+    assert streamed["main_rss_gb"] < streamed["peak_rss_gb"]["median"] < 3
+    assert 0 < streamed["peak_pss_gb"]["median"] <= streamed["peak_rss_gb"]["median"]

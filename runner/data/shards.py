@@ -236,11 +236,12 @@ def _resume_plan(counts: list[int], start: int, limit: int) -> tuple[list[int], 
     return done, pointer, [quota[w] - done[w] for w in range(workers)]
 
 
-def _samples(path: str) -> Iterator[dict[str, bytes]]:
+def _samples(path: str, only: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:
     """A tar shard's samples in order: consecutive members sharing a key (the name up to the
-    first dot of its base name) are one sample's fields."""
+    first dot of its base name) are one sample's fields. With ``only``, just those fields are
+    read, and the archive is opened for seeking so the others are skipped, not read."""
     try:
-        with tarfile.open(path, "r|*") as archive:
+        with tarfile.open(path, "r|*" if only is None else "r:*") as archive:
             key, fields = None, {}
             for member in archive:
                 if not member.isfile():
@@ -252,7 +253,10 @@ def _samples(path: str) -> Iterator[dict[str, bytes]]:
                     yield fields
                     fields = {}
                 key = sample_key
-                fields[field.lower()] = archive.extractfile(member).read()
+                if only is None or field.lower() in only:
+                    fields[field.lower()] = archive.extractfile(member).read()
+                else:
+                    fields.setdefault(field.lower(), b"")  # counted as a field, not read
             if fields:
                 yield fields
     except (tarfile.TarError, OSError, EOFError) as error:
@@ -263,7 +267,7 @@ def _samples(path: str) -> Iterator[dict[str, bytes]]:
 def shard_index(path: str) -> tuple[int, tuple[int, ...]]:
     """(samples, labels) of a shard, read once per process (labels only: inputs are not decoded)."""
     labels = []
-    for number, fields in enumerate(_samples(path)):
+    for number, fields in enumerate(_samples(path, only=LABEL_FIELDS)):
         label = next((fields[name] for name in LABEL_FIELDS if name in fields), None)
         if label is None:
             raise ConfigError(f"shard '{path}' sample {number} has no label (.cls); write shards with python -m runner.data.pack")

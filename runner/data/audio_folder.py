@@ -89,7 +89,7 @@ def audio_folder(
     def split(name: str, random_crop: bool, mean: Any = 0.0, std: Any = 1.0) -> "AudioFiles":
         return AudioFiles(clips[name], sample_rate, length, transform, mean, std, random_crop, seed)
 
-    mean, std, measured = _statistics(split("train", False), stats_samples, split_seed, batch_size, num_workers)
+    mean, std, measured = clip_statistics(split("train", False), stats_samples, split_seed, batch_size, num_workers)
     module = DataModule(
         split("train", train_crop == "random", mean, std), split("val", False, mean, std), split("test", False, mean, std),
         len(files.class_names), shape, batch_size, num_workers,
@@ -131,21 +131,30 @@ class AudioFiles(Dataset):
             items = [self[index] for index in range(*key.indices(len(self)))]
             return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        window = None
-        if self.random_crop and epoch is not None:
-            window = np.random.default_rng((self.seed % 2**63, epoch, index))
+        window = crop_window(self.seed, epoch, index) if self.random_crop else None
         wave = read_clip(self.paths[index], self.frames[index], self.rates[index], self.sample_rate, self.length, window)
         return (self.featurise(torch.from_numpy(wave)) - self.mean) / self.std, self.labels[index]
 
     def featurise(self, waves: torch.Tensor) -> torch.Tensor:
-        """[..., L] waveforms as [..., C, F, T] features ([..., 1, L] for features=none)."""
-        waves = waves.unsqueeze(-2)
-        if self.transform is None:
-            return waves
-        with torch.no_grad():
-            # logmel [..., 1, F, T]; multi [..., 1, C, F, T], whose C becomes the channels
-            features = self.transform(waves)
-            return features.flatten(-4, -3) if features.dim() == waves.dim() + 2 else features
+        return featurise(self.transform, waves)
+
+
+def crop_window(seed: int, epoch: int | None, index: int) -> np.random.Generator | None:
+    """The generator that picks a training clip's random window: drawn from (seed, epoch,
+    index) alone, so every run, resume and worker reads the same window (None without an
+    epoch: the centre)."""
+    return None if epoch is None else np.random.default_rng((seed % 2**63, epoch, index))
+
+
+def featurise(transform: torch.nn.Module | None, waves: torch.Tensor) -> torch.Tensor:
+    """[..., L] waveforms as [..., C, F, T] features ([..., 1, L] for features=none)."""
+    waves = waves.unsqueeze(-2)
+    if transform is None:
+        return waves
+    with torch.no_grad():
+        # logmel [..., 1, F, T]; multi [..., 1, C, F, T], whose C becomes the channels
+        features = transform(waves)
+        return features.flatten(-4, -3) if features.dim() == waves.dim() + 2 else features
 
 
 class UnreadableClip(ConfigError):
@@ -165,17 +174,24 @@ def read_clip(path: str, frames: int, rate: int, sample_rate: int, length: int,
     """A clip as float32 mono [length] at sample_rate: the centre (or, with a ``window``
     generator, a random part) of a longer clip, a shorter one padded with zeros at the end.
     ``frames`` and ``rate`` are the file's, from its header."""
-    soundfile = _soundfile()
-    needed = math.ceil(length * rate / sample_rate)  # frames at the file's rate
-    spare = max(0, frames - needed)
-    start = int(window.integers(0, spare + 1)) if window is not None else spare // 2
     try:
-        data, rate = soundfile.read(path, frames=needed, start=start, dtype="float32", always_2d=True)
+        return decode_clip(path, frames, rate, sample_rate, length, window)
     except (RuntimeError, OSError, ValueError) as error:  # soundfile's LibsndfileError is a RuntimeError
         raise UnreadableClip(
             f"data.root: '{path}' has a readable header but its audio does not decode ({_reason(error)}); "
             "replace or remove it (data.on_bad_file acts on what the headers show at build time)"
         ) from None
+
+
+def decode_clip(source: Any, frames: int, rate: int, sample_rate: int, length: int,
+                window: np.random.Generator | None = None) -> np.ndarray:
+    """read_clip of a path or a binary file object (data=hf reads a cell's bytes), raising
+    soundfile's own error when the audio does not decode: only the kept window is read."""
+    soundfile = _soundfile()
+    needed = math.ceil(length * rate / sample_rate)  # frames at the file's rate
+    spare = max(0, frames - needed)
+    start = int(window.integers(0, spare + 1)) if window is not None else spare // 2
+    data, rate = soundfile.read(source, frames=needed, start=start, dtype="float32", always_2d=True)
     wave = data.mean(axis=1)
     if rate != sample_rate:
         from scipy.signal import resample_poly
@@ -211,7 +227,7 @@ def _readable(files: FolderSplits, root: str, on_bad_file: str) -> dict[str, lis
     for name in ("train", "val", "test"):
         clips[name] = []
         for path, label in getattr(files, name):
-            header, problem = _header(str(path))
+            header, problem = clip_header(str(path))
             if problem is None:
                 clips[name].append((str(path), label, header.frames, header.samplerate))
             elif on_bad_file == "fail":
@@ -233,43 +249,50 @@ def _readable(files: FolderSplits, root: str, on_bad_file: str) -> dict[str, lis
     return clips
 
 
-def _header(path: str) -> tuple[Any, str | None]:
-    """soundfile's header info, and what is wrong with the file (None: nothing found)."""
-    soundfile = _soundfile()
+def clip_header(source: Any, option: str = "data=audio_folder") -> tuple[Any, str | None]:
+    """soundfile's header info of a path or a seekable binary file object, and what is wrong
+    with the file (None: nothing found)."""
+    soundfile = _soundfile(option)
     try:
-        header = soundfile.info(path)
+        header = soundfile.info(source)
     except (RuntimeError, OSError, ValueError) as error:
         return None, f"is not audio soundfile can read ({_reason(error)})"
     if header.frames <= 0:
         return header, "holds no audio (0 frames: empty, or cut short)"
-    missing = _wav_shortfall(path) if header.format in ("WAV", "WAVEX") else 0
+    missing = _wav_shortfall(source) if header.format in ("WAV", "WAVEX") else 0
     if missing:
         return header, f"is truncated (its header declares {missing} more bytes of audio than the file holds)"
     return header, None
 
 
-def _wav_shortfall(path: str) -> int:
-    """Bytes a RIFF WAV's data chunk declares beyond the end of the file: 0 when it is whole
-    (or written as a stream, whose size fields say 0 or 0xFFFFFFFF: unknown)."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        head = file.read(12)
-        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
-            return 0
-        order = "<" if head[:4] == b"RIFF" else ">"
-        position = 12
-        while position + 8 <= size:
-            file.seek(position)
-            chunk, length = struct.unpack(order + "4sI", file.read(8))
-            if chunk == b"data":
-                return 0 if length in (0, 0xFFFFFFFF) else max(0, position + 8 + length - size)
-            position += 8 + length + (length & 1)  # chunks are padded to an even length
+def _wav_shortfall(source: Any) -> int:
+    """Bytes a RIFF WAV's data chunk declares beyond the end of the file (a path or a seekable
+    binary file object): 0 when it is whole (or written as a stream, whose size fields say 0
+    or 0xFFFFFFFF: unknown)."""
+    if not hasattr(source, "read"):
+        with open(source, "rb") as file:
+            return _wav_shortfall(file)
+    file = source
+    size = file.seek(0, os.SEEK_END)
+    file.seek(0)
+    head = file.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        return 0
+    order = "<" if head[:4] == b"RIFF" else ">"
+    position = 12
+    while position + 8 <= size:
+        file.seek(position)
+        chunk, length = struct.unpack(order + "4sI", file.read(8))
+        if chunk == b"data":
+            return 0 if length in (0, 0xFFFFFFFF) else max(0, position + 8 + length - size)
+        position += 8 + length + (length & 1)  # chunks are padded to an even length
     return 0
 
 
-def _statistics(train: AudioFiles, samples: int, seed: int, batch_size: int, num_workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def clip_statistics(train: Dataset, samples: int, seed: int, batch_size: int, num_workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean and std [C, F, 1] ([C, 1] for waveforms) over samples and time of a seeded sample
-    of training clips, featurised by DataLoader workers as in training; and the clip count."""
+    of training clips (any split whose items are unstandardised (features, label): data=hf's
+    Audio rows too), featurised by DataLoader workers as in training; and the clip count."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:samples].sort().values.tolist()
     total = squares = None
     count = 0
@@ -286,13 +309,13 @@ def _statistics(train: AudioFiles, samples: int, seed: int, batch_size: int, num
     return mean.float(), std.float(), len(order)
 
 
-def _soundfile():
+def _soundfile(option: str = "data=audio_folder"):
     try:
         import soundfile
     except ImportError:  # an optional extra; OSError too where libsndfile itself is missing
-        raise ConfigError(f"data=audio_folder reads audio with soundfile, which is not installed; {INSTALL}") from None
+        raise ConfigError(f"{option} reads audio with soundfile, which is not installed; {INSTALL}") from None
     except OSError as error:
-        raise ConfigError(f"data=audio_folder: soundfile cannot load libsndfile ({error}); {INSTALL} (its wheels bundle libsndfile)") from None
+        raise ConfigError(f"{option}: soundfile cannot load libsndfile ({error}); {INSTALL} (its wheels bundle libsndfile)") from None
     return soundfile
 
 

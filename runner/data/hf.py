@@ -17,6 +17,15 @@ written anywhere; a Parquet/CSV folder is read into memory, as Arrow):
 * ``Image``: converted and resized exactly as data=image_folder does (runner.data.image_folder's
   ``decode``: PIL, bilinear), scaled to [0, 1], normalised per channel with a mean/std measured
   on a seeded sample of training rows (or given);
+* ``Audio``: read from the cell's bytes (or the file it names) with soundfile, never with the
+  datasets library's own decoder (torchcodec), and turned into a sample exactly as
+  data=audio_folder turns a file into one (runner.data.audio_folder's ``decode_clip``,
+  ``featurise``, ``crop_window`` and ``clip_statistics``): mono, resampled to ``sample_rate``
+  (scipy resample_poly), the centre ``duration`` seconds kept (training: a window drawn from
+  (seed, epoch, index) with ``train_crop=random``) or zeros padded at the end, turned into
+  ``features`` (logmel, multi or none) and standardised per channel and frequency with a
+  mean/std measured on a seeded sample of training rows; the sample shape follows from those
+  keys, as for audio folders (the ``soundfile`` of the ``audio`` extra reads the clips);
 * a numeric ``Array2D``..``Array5D``, ``List``/``Sequence`` (nested or not): a float tensor of
   that shape, as stored (every row must have the same shape);
 * several numeric columns, ``data.input=[a,b,c]`` (or one): a [D] vector standardised with the
@@ -33,7 +42,7 @@ import io
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,6 +51,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from runner.data.audio import _check as _check_clip, front_end
+from runner.data.audio_folder import (
+    TRAIN_CROPS, _reason as _sound_reason, _soundfile, clip_header, clip_statistics, crop_window, decode_clip, feature_shape,
+    featurise,
+)
 from runner.data.module import DataModule, modality_of, split_indices
 from runner.data.image_folder import parse_image_size
 from runner.errors import ConfigError
@@ -64,9 +78,40 @@ class HfFacts:
     """What a data=hf config reads from the dataset: classes, and the sample's kind and shape."""
 
     class_names: tuple[str, ...]
-    kind: str  # image, array or columns
+    kind: str  # image, audio, array or columns
     shape: tuple[int, ...]
     columns: tuple[str, ...]  # the input column(s)
+    modality: str  # what DataModule.modality says of the samples
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """The keys that turn an Audio cell into a sample, with data=audio_folder's meanings and
+    defaults (hashable: part of the facts' cache key)."""
+
+    sample_rate: int = 16000
+    duration: float = 1.0
+    features: str = "logmel"
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 32
+    f_min: float = 0.0
+    f_max: float | None = None
+    multi_n_ffts: tuple[int, ...] = (1024, 2048)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "multi_n_ffts", tuple(int(size) for size in self.multi_n_ffts))
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> "ClipSettings":
+        """The settings a data node gives (keys it lacks keep their defaults)."""
+        return cls(**{key.name: data[key.name] for key in fields(cls) if key.name in data})
+
+    def shape(self) -> tuple[int, ...]:
+        """[C, n_mels, frames] (or [1, L] for features=none), after checking the keys as
+        data=audio_folder checks them."""
+        _check_clip(1, self.sample_rate, self.duration, 0.0, self.features, self.n_fft, self.multi_n_ffts)
+        return tuple(feature_shape(self.features, self.sample_rate, self.duration, self.hop_length, self.n_mels, self.multi_n_ffts))
 
 
 def hf(
@@ -77,6 +122,16 @@ def hf(
     channels: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    sample_rate: int = 16000,
+    duration: float = 1.0,
+    features: str = "logmel",
+    n_fft: int = 1024,
+    hop_length: int = 512,
+    n_mels: int = 32,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+    multi_n_ffts: Sequence[int] = (1024, 2048),
+    train_crop: str = "random",
     stats_samples: int = 1000,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
@@ -87,12 +142,17 @@ def hf(
     num_classes: int | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> DataModule:
-    settings = _settings(path, input, label, image_size, channels)
+    clip = ClipSettings(sample_rate, duration, features, n_fft, hop_length, n_mels, f_min, f_max, multi_n_ffts)
+    settings = _settings(path, input, label, image_size, channels, clip)
     facts = hf_facts(*settings)
     _check_published(settings, facts, num_classes, input_shape)
+    if train_crop not in TRAIN_CROPS:
+        raise ConfigError(f"data.train_crop='{train_crop}' is not supported; use random or centre")
     parts = _parts(settings[0], settings[2], val_fraction, test_fraction, split_seed)
     if facts.kind == "columns":
         splits, preprocessing = _columns(parts, facts.columns)
+    elif facts.kind == "audio":
+        splits, preprocessing = _clips(parts, facts.columns[0], clip, train_crop == "random", stats_samples, seed, batch_size, num_workers)
     else:
         decoding = _decoding(facts, parts["train"], mean, std, stats_samples, seed)
         splits = {name: HfRows(dataset, rows, labels, facts.columns[0], decoding) for name, (dataset, rows, labels) in parts.items()}
@@ -106,7 +166,7 @@ def hf(
     )
     data = DataModule(
         splits["train"], splits["val"], splits["test"], len(facts.class_names), facts.shape, batch_size, num_workers,
-        class_names=list(facts.class_names), modality="image" if facts.kind == "image" else modality_of(facts.shape),
+        class_names=list(facts.class_names), modality=facts.modality,
     )
     data.preprocessing = preprocessing  # what the export bundle's model.json tells a user of the model to do
     return data
@@ -114,8 +174,9 @@ def hf(
 
 def published(data: Mapping[str, Any], key: str) -> Any:
     """num_classes or input_shape of a data=hf config (the ``${hf_facts:...}`` resolver hands it
-    the data node: path, input, label, image_size and channels change the answer)."""
-    facts = hf_facts(*_settings(data.get("path"), data.get("input"), data.get("label"), data.get("image_size"), data.get("channels")))
+    the data node: path, input, label, image_size, channels and the clip keys change the answer)."""
+    facts = hf_facts(*_settings(data.get("path"), data.get("input"), data.get("label"), data.get("image_size"), data.get("channels"),
+                                ClipSettings.of(data)))
     return len(facts.class_names) if key == "num_classes" else list(facts.shape)
 
 
@@ -194,6 +255,82 @@ class ArrayDecoding:
         return f"column '{self.column}' as a float32 tensor of shape {list(self.shape)}, as stored (not normalised)"
 
 
+class HfClips(HfRows):
+    """One split of an Audio column. Keys are indices, or (epoch, index) as DataModule.loader
+    passes them to a split that takes the epoch: with ``random_crop`` a clip longer than
+    data.duration is cut to the window audio_folder draws from (seed, epoch, index), the same
+    in every run, resume and worker; without, to its centre."""
+
+    takes_epoch = True
+
+    def __init__(self, dataset: Any, rows: np.ndarray, labels: np.ndarray, column: str, decoding: "AudioDecoding",
+                 random_crop: bool = False, seed: int = 0):
+        super().__init__(dataset, rows, labels, column, decoding)
+        self.random_crop, self.seed = random_crop, seed
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        where = [key if isinstance(key, tuple) else (None, key) for key in keys]
+        rows = [int(self.rows[index]) for _, index in where]
+        values = self.table[rows][self.column]  # a batch in one Arrow read
+        return [
+            (self.decoding(value, row, crop_window(self.seed, epoch, index) if self.random_crop else None), self.labels[index])
+            for value, row, (epoch, index) in zip(values, rows, where)
+        ]
+
+
+@dataclass(frozen=True)
+class AudioDecoding:
+    """An Audio cell ({bytes, path}) as data=audio_folder turns a file into a sample."""
+
+    clip: ClipSettings
+    column: str
+    transform: torch.nn.Module | None
+    mean: torch.Tensor | float = 0.0
+    std: torch.Tensor | float = 1.0
+    measured: int = 0  # training rows the mean and std were measured on
+
+    def view(self, dataset: Any, column: str) -> Any:
+        # undecoded: the cell's bytes, read here with soundfile (datasets would need torchcodec)
+        return dataset.select_columns([column]).cast_column(column, _datasets().Audio(decode=False))
+
+    def __call__(self, value: Any, row: int, window: np.random.Generator | None = None) -> torch.Tensor:
+        length = round(self.clip.sample_rate * self.clip.duration)
+        wave = clip_wave(value, self.column, row, self.clip.sample_rate, length, window)
+        return (featurise(self.transform, torch.from_numpy(wave)) - self.mean) / self.std
+
+    def describe(self) -> str:
+        clip = self.clip
+        return (
+            f"audio mixed down to mono, resampled to {clip.sample_rate} Hz (scipy.signal.resample_poly), the centre "
+            f"{clip.duration} s kept or zeros padded at the end, turned into {clip.features} (runner/audio.py: n_fft={clip.n_fft}, "
+            f"hop_length={clip.hop_length}, n_mels={clip.n_mels}, f_min={clip.f_min}, f_max={clip.f_max}, "
+            f"multi_n_ffts={list(clip.multi_n_ffts)}), then standardised per channel and frequency with the mean and std of "
+            f"{self.measured} training rows (not stored here)"
+        )
+
+
+def clip_wave(value: Any, column: str, row: int, sample_rate: int, length: int,
+              window: np.random.Generator | None = None) -> np.ndarray:
+    """An Audio cell as float32 mono [length] at sample_rate, as audio_folder's read_clip gives
+    a file: its header checked as audio_folder checks a file's (clip_header), then decode_clip."""
+    source = _cell_source(value, column, row, "clip")
+    header, problem = clip_header(source, "data=hf")
+    if problem is None:
+        try:
+            if hasattr(source, "seek"):
+                source.seek(0)
+            return decode_clip(source, header.frames, header.samplerate, sample_rate, length, window)
+        except (RuntimeError, OSError, ValueError) as error:  # soundfile's LibsndfileError is a RuntimeError
+            problem = f"does not decode ({_sound_reason(error)})"
+    raise BadRow(
+        f"data.input='{column}': the clip in row {row}{f' ({source})' if isinstance(source, str) else ''} {problem}; "
+        "fix or remove that row before saving"
+    )
+
+
 class BadRow(ConfigError):
     """A row that does not decode. A DataLoader worker's error comes back to the training
     process as ``type(error)("Caught ... Original Traceback ...")``: keep only its last line,
@@ -214,14 +351,14 @@ def image_pixels(value: Any, channels: int, size: tuple[int, int] | None, column
         from PIL import Image
 
         try:
-            with Image.open(_image_source(value, column, row)) as image:
+            with Image.open(_cell_source(value, column, row)) as image:
                 size = (image.height, image.width)
         except (OSError, ValueError, SyntaxError):
             pass  # decode below says what is wrong
     try:
-        return decode(_image_source(value, column, row), channels, size or (1, 1))
+        return decode(_cell_source(value, column, row), channels, size or (1, 1))
     except ConfigError as error:  # image_folder's words name a file and its data.root: say it for a row
-        source = _image_source(value, column, row)
+        source = _cell_source(value, column, row)
         reason = re.search(r"cannot be decoded \((.*)\); ", re.sub(r"<_io\.BytesIO object at \w+>", "its bytes", str(error)))
         raise BadRow(
             f"data.input='{column}': the image in row {row}{f' ({source})' if isinstance(source, str) else ''} cannot be decoded"
@@ -229,14 +366,15 @@ def image_pixels(value: Any, channels: int, size: tuple[int, int] | None, column
         ) from None
 
 
-def _image_source(value: Any, column: str, row: int) -> Any:
-    """What PIL opens for an undecoded Image cell: its bytes, else the file it names."""
+def _cell_source(value: Any, column: str, row: int, what: str = "image") -> Any:
+    """What PIL or soundfile opens for an undecoded Image or Audio cell: its bytes, else the
+    file it names."""
     value = value or {}
     if value.get("bytes"):
         return io.BytesIO(value["bytes"])
     if value.get("path"):
         return value["path"]
-    raise BadRow(f"data.input='{column}': row {row} holds no image (null); remove such rows before saving")
+    raise BadRow(f"data.input='{column}': row {row} holds no {what} (null); remove such rows before saving")
 
 
 # ------------------------------------------------------------------ reading the dataset
@@ -364,7 +502,7 @@ def _splits(path: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ facts (compose time)
-def _settings(path: Any, input: Any, label: Any, image_size: Any, channels: Any) -> tuple:
+def _settings(path: Any, input: Any, label: Any, image_size: Any, channels: Any, clip: ClipSettings = ClipSettings()) -> tuple:
     """The keys that decide the facts, checked, as a hashable tuple (the cache key)."""
     fix = "give data.path=<a saved dataset folder> data.input=<its input column> data.label=<its label column>"
     for key, value in (("path", path), ("input", input), ("label", label)):
@@ -378,17 +516,20 @@ def _settings(path: Any, input: Any, label: Any, image_size: Any, channels: Any)
     if channels not in (None, "None", "null") and int(channels) not in (1, 3):
         raise ConfigError(f"data.channels={channels} is not supported; use 1 (grey), 3 (RGB) or null (the first training image's)")
     channels = None if channels in (None, "None", "null") else int(channels)
-    return path, columns if not isinstance(input, str) else input, label, parse_image_size(image_size, "the first training image's size"), channels
+    size = parse_image_size(image_size, "the first training image's size")
+    return path, columns if not isinstance(input, str) else input, label, size, channels, clip
 
 
-def hf_facts(path: str, input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None) -> HfFacts:
+def hf_facts(path: str, input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None,
+             clip: ClipSettings = ClipSettings()) -> HfFacts:
     """Classes and sample shape of a data=hf config (settings as _settings gives them), read
     once per process and dataset version."""
-    return _facts(path, _stamp(path), input, label, size, channels)
+    return _facts(path, _stamp(path), input, label, size, channels, clip)
 
 
 @lru_cache(maxsize=8)
-def _facts(path: str, stamp: tuple[int, int], input: str | tuple[str, ...], label: str, size: tuple[int, int] | None, channels: int | None) -> HfFacts:
+def _facts(path: str, stamp: tuple[int, int], input: str | tuple[str, ...], label: str, size: tuple[int, int] | None,
+           channels: int | None, clip: ClipSettings) -> HfFacts:
     splits = _splits(path)
     names, _ = _labels(path, label)
     train = splits["train"]
@@ -407,16 +548,19 @@ def _facts(path: str, stamp: tuple[int, int], input: str | tuple[str, ...], labe
         for column in columns:
             if not _is_number(train.features[column]):
                 raise ConfigError(_not_numeric(column, train.features[column], several=not isinstance(input, str)))
-        return HfFacts(names, "columns", (len(columns),), columns)
+        return HfFacts(names, "columns", (len(columns),), columns, "tabular")
     feature = train.features[input]
     kind = type(feature).__name__
     if kind == "Image":
         first = train.select_columns([input]).cast_column(input, _datasets().Image(decode=False))[0][input]
         channels = channels or _first_channels(first, input)
         shape = tuple(image_pixels(first, channels, size, input, 0).shape)
-        return HfFacts(names, "image", shape, (input,))
+        return HfFacts(names, "image", shape, (input,), "image")
+    if kind == "Audio":  # every clip is resampled, cut and padded to the same size: the keys give the shape
+        return HfFacts(names, "audio", clip.shape(), (input,), "signal" if clip.features == "none" else "spectrogram")
     if kind.startswith("Array") or kind in ("List", "LargeList", "Sequence"):
-        return HfFacts(names, "array", _array_shape(path, train, input, feature), (input,))
+        shape = _array_shape(path, train, input, feature)
+        return HfFacts(names, "array", shape, (input,), modality_of(shape))
     raise ConfigError(_not_numeric(input, feature, several=False))
 
 
@@ -427,7 +571,7 @@ def _first_channels(value: Any, column: str) -> int:
     from runner.data.image_folder import GREY_MODES
 
     try:
-        with Image.open(_image_source(value, column, 0)) as image:
+        with Image.open(_cell_source(value, column, 0)) as image:
             return 1 if image.mode in GREY_MODES else 3
     except (OSError, ValueError) as error:
         raise ConfigError(f"data.input='{column}': the image in row 0 cannot be decoded ({_reason(error)}); fix or remove that row before saving") from None
@@ -464,16 +608,15 @@ def _is_number(feature: Any) -> bool:
 
 def _not_numeric(column: str, feature: Any, several: bool) -> str:
     kind = type(feature).__name__
-    what = {"Audio": "an Audio column, which data=hf does not decode (yet): write the clips to class folders for data=audio_folder",
-            "ClassLabel": "a ClassLabel column (categories, not numbers)"}.get(kind)
+    what = {"ClassLabel": "a ClassLabel column (categories, not numbers)"}.get(kind)
     if what is None:
         name = str(getattr(feature, "dtype", kind)) if kind == "Value" else kind
         what = f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name} column"
     if several:
         return (f"data.input: column '{column}' is {what}; a list of input columns takes numeric columns only: "
                 f"give it alone (data.input={column}) or leave it out")
-    return (f"data.input='{column}' is {what}; data=hf takes an Image column, a numeric array column, or numeric "
-            "columns (data.input=[a,b,c]); pick another column")
+    return (f"data.input='{column}' is {what}; data=hf takes an Image column, an Audio column, a numeric array column, "
+            "or numeric columns (data.input=[a,b,c]); pick another column")
 
 
 def _labels(path: str, label: str) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
@@ -615,8 +758,25 @@ def _decoding(facts: HfFacts, train: tuple[Any, np.ndarray, np.ndarray], mean, s
     return ImageDecoding(channels, size, mean_t.float(), std_t.float(), column)
 
 
+def _clips(parts: dict[str, tuple[Any, np.ndarray, np.ndarray]], column: str, clip: ClipSettings, random_crop: bool,
+           samples: int, seed: int, batch_size: int, num_workers: int) -> tuple[dict[str, HfClips], str]:
+    """An Audio column's splits, standardised with audio_folder's clip_statistics over a
+    seeded sample of training rows (centre-cut, read by DataLoader workers at build time)."""
+    if int(samples) < 1:
+        raise ConfigError(f"data.stats_samples={samples} must be at least 1; use e.g. data.stats_samples=1000")
+    _soundfile("data=hf")  # here: a missing soundfile found by a worker would come back as its traceback
+    transform = front_end(clip.features, clip.sample_rate, clip.n_fft, clip.hop_length, clip.n_mels, clip.f_min, clip.f_max,
+                          clip.multi_n_ffts)
+    plain = AudioDecoding(clip, column, transform)
+    mean, std, measured = clip_statistics(HfClips(*parts["train"], column, plain), samples, seed, batch_size, num_workers)
+    decoding = replace(plain, mean=mean, std=std, measured=measured)
+    splits = {name: HfClips(dataset, rows, labels, column, decoding, random_crop and name == "train", seed)
+              for name, (dataset, rows, labels) in parts.items()}
+    return splits, decoding.describe()
+
+
 def _check_published(settings: tuple, facts: HfFacts, num_classes: int | None, input_shape: Sequence[int] | None) -> None:
-    path, _, label, _, _ = settings
+    path, _, label, _, _, _ = settings
     if num_classes is not None and int(num_classes) != len(facts.class_names):
         raise ConfigError(
             f"data.num_classes={num_classes}, but data.label='{label}' of '{path}' gives {len(facts.class_names)} classes "
@@ -625,8 +785,12 @@ def _check_published(settings: tuple, facts: HfFacts, num_classes: int | None, i
     if input_shape is not None and tuple(int(v) for v in input_shape) != facts.shape:
         raise ConfigError(
             f"data.input_shape={list(input_shape)}, but data.input of '{path}' gives samples of shape {list(facts.shape)}; "
-            f"remove data.input_shape (it is read from the data){', or change data.image_size / data.channels' if facts.kind == 'image' else ''}"
+            f"remove data.input_shape (it is read from the data){_SHAPE_KEYS.get(facts.kind, '')}"
         )
+
+
+_SHAPE_KEYS = {"image": ", or change data.image_size / data.channels",
+               "audio": ", or change data.features / data.sample_rate / data.duration / data.hop_length / data.n_mels"}
 
 
 def _reason(error: Exception) -> str:

@@ -60,7 +60,8 @@ def train(overrides: Sequence[str] = (), config_dir: str | Path | None = None, o
     Interrupting (Ctrl-C, a notebook's kernel interrupt) finishes the current step, saves a
     resumable ``last.pt``, marks the MLflow run KILLED and raises KeyboardInterrupt.
     """
-    from runner.errors import Interrupted
+    from runner.errors import Interrupted, RunnerError
+    from runner.joblog import discard_or_record, job_start
     from runner.run import run
 
     overrides = list(overrides)
@@ -73,10 +74,14 @@ def train(overrides: Sequence[str] = (), config_dir: str | Path | None = None, o
     with open_dict(cfg):
         del cfg["hydra"]
     with _job_logging(directory / "runner.log"):
+        start = job_start()
         try:
             return run(cfg, output_dir=directory, command_line=overrides, choices=choices)
-        except Interrupted as interrupt:
-            raise KeyboardInterrupt(str(interrupt)) from None
+        except RunnerError as error:  # as the command line: a refused run leaves no directory
+            discard_or_record(directory, error, Path.cwd(), start)
+            if isinstance(error, Interrupted):
+                raise KeyboardInterrupt(str(error)) from None
+            raise
 
 
 def group_choices(cfg: DictConfig) -> dict[str, str]:
@@ -115,21 +120,31 @@ def prepare_output_dir(cfg: DictConfig, overrides: Sequence[str], output_dir: st
 
 class _job_logging:
     """runner's log lines to <output_dir>/runner.log (as the command line's Hydra logging
-    does) and, when nothing else shows them (a notebook), to stdout as plain lines."""
+    does) and, outside a Hydra app (a script, a notebook), to stdout as plain lines.
+
+    Outside a Hydra app runner shows its own lines and does not hand them on to the root
+    logger, so every call prints the same: what the root logger holds is not runner's to
+    judge (importing mlflow.pytorch calls logging.basicConfig, after which a second call
+    printed each line twice, the second time in the root's format). Inside one (a pipeline's
+    stages) the app's handlers show them, as for any job."""
 
     def __init__(self, path: Path):
         self.path = path
         self.handlers: list[logging.Handler] = []
 
     def __enter__(self):
+        from hydra.core.global_hydra import GlobalHydra
+
         logger = logging.getLogger("runner")
         file_handler = logging.FileHandler(self.path)
         file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         self.handlers.append(file_handler)
-        if not logging.getLogger().handlers and not logger.handlers:
+        self.propagate = logger.propagate
+        if not GlobalHydra.instance().is_initialized():
             console = logging.StreamHandler(sys.stdout)
             console.setFormatter(logging.Formatter("%(message)s"))
             self.handlers.append(console)
+            logger.propagate = False
         for handler in self.handlers:
             logger.addHandler(handler)
         self.level = logger.level
@@ -143,4 +158,5 @@ class _job_logging:
             logger.removeHandler(handler)
             handler.close()
         logger.setLevel(self.level)
+        logger.propagate = self.propagate
         return False

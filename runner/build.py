@@ -261,10 +261,49 @@ def _make(node: Any, key: str, allowed: AllowList) -> Any:
         raise ConfigError(f"{key} has no _target_; pick a file of conf/{key.split('.')[0]}/ or set {key}._target_")
     target = node._target_
     judged = allowed.check(node, key)
+    _check_arguments(node, key, target)
     try:  # Hydra's own whitelist then enforces exactly the targets judged above
         return instantiate(node, _execution_whitelist_=judged)
     except Exception as error:  # hydra wraps the target's own error; show the real one
         raise _explain(error, key, target, node) from None
+
+
+# keys instantiate reads itself; the rest are the target's keyword arguments
+_INSTANTIATE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+
+
+def _check_arguments(node: Any, key: str, target: str) -> None:
+    """Name every key the target does not take at once, with the fix, before building: a
+    config file written for another class (the CNN's channels and dropout after
+    model._target_=my_pkg.Net) otherwise costs one run per key as instantiate finds them.
+    A target taking **kwargs, or whose signature cannot be read, is left to instantiate."""
+    from hydra.utils import get_object
+
+    try:  # the target was judged above: importing it again is a lookup
+        parameters = list(inspect.signature(get_object(target)).parameters.values())
+    except Exception:
+        return
+    if any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    takes = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unexpected = [str(name) for name in node if name not in _INSTANTIATE_KEYS and name not in takes]
+    if not unexpected:
+        return
+    several = len(unexpected) > 1
+    fix = f"drop {'them' if several else 'it'} with {' '.join(f'~{key}.{name}' for name in unexpected)}"
+    if "." not in key:  # a group: a file of the user's own can hold the class's keys
+        fix += f", or write a {key} file for the class and pick it (--config-dir my_conf {key}=my_{key})"
+    raise ConfigError(
+        f"{key}: '{target}' does not take {', '.join(f'{name}={_shown(node, name)}' for name in unexpected)} "
+        f"(it takes {', '.join(takes) or 'no arguments'}); {fix}"
+    )
+
+
+def _shown(node: Any, name: str) -> Any:
+    try:
+        return OmegaConf.select(node, name)
+    except Exception:  # an interpolation that does not resolve: as written
+        return OmegaConf.to_container(node, resolve=False)[name]
 
 
 def _call(factory, node: DictConfig, key: str, *args, **kwargs) -> Any:

@@ -26,10 +26,12 @@ the trained ones, e.g. an exponential moving average).
 
 import logging
 import math
+import os
 import sys
 import time
 
 from runner.errors import ConfigError
+from runner.joblog import FILE_ONLY
 
 
 def check_metric_name(*args, **kwargs) -> str:
@@ -232,9 +234,20 @@ class LearningRateMonitor(Callback):
         loop.log(rates)
 
 
+def figure(value: float) -> str:
+    """A metric for people: 4 decimals, or 4 significant digits where those would show
+    0.0000 (a PINN's relative error of 3.1e-05)."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
+
+
 class Progress(Callback):
-    """A rich progress bar on a terminal; plain log lines otherwise (files, CI, Slurm).
-    Prints a table of the final metrics at the end."""
+    """A rich progress bar on a terminal; plain log lines otherwise (files, CI, Slurm). The
+    log file gets the per-step and per-epoch lines either way: with a bar they skip the
+    terminal (the bar shows the same numbers), and other log lines are printed above the bar
+    instead of through it. The end-of-run summary is printed last, after every other
+    callback has finished (drift, export, the MLflow upload)."""
+
+    runs_last = True  # its on_run_end comes after the other callbacks' (after ModelCheckpoint's)
 
     def __init__(self, refresh_per_second: float = 4.0):
         from runner.distributed import is_rank_zero
@@ -242,21 +255,45 @@ class Progress(Callback):
         self.silent = not is_rank_zero()  # under DDP only rank 0 reports
         self.refresh_per_second = refresh_per_second
         self.bar = None
+        self._bar_context = None
         self.started = 0.0
         self.latest: dict[str, float] = {}
+        self.tested: dict[str, float] | None = None
 
     def on_fit_start(self, loop):
         self.started = time.monotonic()
+        self.tested = None
         if sys.stdout.isatty() and not self.silent:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            self._start_bar(loop)
 
-            self.bar = Bar(
-                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("{task.fields[summary]}"),
-                refresh_per_second=self.refresh_per_second,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("fit", total=loop.total_steps, completed=loop.state.step, epoch=loop.state.epoch, summary="")
+    def _start_bar(self, loop) -> None:
+        import contextlib
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+        from runner.joblog import terminal_handlers, terminal_quiet
+
+        self.bar = Bar(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[summary]}"),
+            refresh_per_second=self.refresh_per_second,
+        )
+        self._bar_context = contextlib.ExitStack()
+        self._bar_context.enter_context(terminal_quiet())
+        streams = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
+        handlers = [(handler, streams[id(handler.stream)]) for handler in terminal_handlers() if id(handler.stream) in streams]
+        self.bar.start()  # from here on, what is written to sys.stdout/stderr is printed above the bar
+        self._bar_context.callback(self.bar.stop)
+        for handler, name in handlers:  # log handlers hold the streams of before: point them at the bar's
+            before = handler.setStream(getattr(sys, name))
+            if before is not None:  # None: rich did not redirect that stream
+                self._bar_context.callback(handler.setStream, before)
+        self.task = self.bar.add_task("fit", total=loop.total_steps, completed=loop.state.step, epoch=loop.state.epoch, summary="")
+
+    def _stop_bar(self) -> None:
+        if self.bar is not None:
+            self.bar = None
+            self._bar_context.close()  # streams back, the bar stopped, the terminal's handlers as before
 
     def on_log(self, loop, metrics):
         self.latest.update(metrics)
@@ -266,68 +303,82 @@ class Progress(Callback):
         return "  ".join(f"{key} {self.latest[key]:.4g}" for key in keys if key in self.latest)
 
     def on_step_end(self, loop):
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.update(self.task, completed=loop.state.step, epoch=loop.state.epoch, summary=self._summary())
-        elif not self.silent and loop.log_every_n_steps and loop.state.step % loop.log_every_n_steps == 0:
-            log.info("step %d/%d  %s", loop.state.step, loop.total_steps, self._summary())
+        if loop.log_every_n_steps and loop.state.step % loop.log_every_n_steps == 0:
+            log.info("step %d/%d  %s", loop.state.step, loop.total_steps, self._summary(), extra=FILE_ONLY)
 
     def on_epoch_end(self, loop):
-        if self.bar is None and not self.silent:
-            log.info("epoch %d  step %d  %s", loop.state.epoch, loop.state.step, self._summary())
+        if not self.silent:
+            log.info("epoch %d  step %d  %s", loop.state.epoch, loop.state.step, self._summary(), extra=FILE_ONLY)
 
     def on_fit_end(self, loop):
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self._stop_bar()
         if self.silent:
             return
         reason = f" ({loop.state.stop_reason})" if loop.state.stop_reason else ""
         log.info("fit ended after %d epochs, %d steps, %.2f s%s", loop.state.epoch, loop.state.step, time.monotonic() - self.started, reason)
 
     def on_test_end(self, loop, metrics):
-        """The end-of-run summary: where the job's files and its MLflow run are, how to open
-        them, and the headline metrics of the best weights (all of them: metrics.json)."""
-        if self.silent:
-            return
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
+        self.tested = dict(metrics)
 
+    def on_run_end(self, loop, status, error):
+        self._stop_bar()  # fit failed: the terminal gets its cursor back
+        if self.silent or status != "FINISHED" or self.tested is None:
+            return
+        self.print_summary(loop, self.tested)
+
+    def print_summary(self, loop, metrics: dict) -> None:
+        """The end-of-run summary: the headline metrics of the best weights as a table that
+        fits the terminal, then where the job's files and its MLflow run are, one per line
+        and never wrapped, so a path or a URL can be copied whole."""
+        from rich.console import Console
+
+        Console().print(self.metrics_table(metrics))
         output_dir = loop.info["output_dir"]
         best = loop.checkpoint_dir / "best.pt"
-        rows = [("output dir", str(output_dir)), ("best checkpoint", str(best) if best.is_file() else "none written")]
-        rows += self._mlflow_rows(loop)
-        table = Table(title="final metrics", caption=f"all metrics: {output_dir / 'metrics.json'}", show_header=False)
-        table.add_column("what", style="bold")
-        table.add_column("value", overflow="fold")
+        rows = [("output dir", str(output_dir)), ("best checkpoint", str(best) if best.is_file() else "none written"),
+                ("all metrics", str(output_dir / "metrics.json"))]
+        chosen = loop.info.get("threads")
+        if chosen is not None and loop.device.type == "cpu":
+            from runner.threads import busy_hint
+
+            rows.append(("CPU threads", chosen.reason))
+            hint = busy_hint(chosen)
+            if hint:
+                rows.append(("note", hint))
+        rows += self._mlflow_rows(loop)  # last: the run page's link ends the output
+        width = max(len(label) for label, _ in rows)
         for label, value in rows:
-            table.add_row(label, Text(value))  # Text: a [bracket] in a path is not rich markup
-        table.add_section()
-        for label, value in self._headline(metrics):
-            table.add_row(label, value)
-        # a log file or a pipe gets whole lines (an 80-column wrap would split the paths)
-        Console(width=None if sys.stdout.isatty() else 240).print(table)
+            print(f"{label.ljust(width)}  {value}")  # plain print: rich would fold a long path
+        sys.stdout.flush()
 
     @staticmethod
-    def _headline(metrics: dict) -> list[tuple[str, str]]:
-        """test/* first, then val/*, one row each ("acc 0.9889  f1 0.9887 ..."), then the
-        model's size."""
-        rows = []
-        for split in ("test", "val"):
-            keys = sorted(key for key in metrics if key.startswith(f"{split}/"))
-            if keys:
-                rows.append((split, "  ".join(f"{key.split('/', 1)[1]} {metrics[key]:.4f}" for key in keys)))
+    def metrics_table(metrics: dict):
+        """One row per metric name, one column per split (test first), model size below."""
+        from rich.table import Table
+
+        metrics = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        splits = [split for split in ("test", "val") if any(key.startswith(f"{split}/") for key in metrics)]
+        names = sorted({key.split("/", 1)[1] for key in metrics if key.split("/", 1)[0] in splits})
+        table = Table(title="final metrics (best weights)")
+        table.add_column("metric")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for name in names:
+            table.add_row(name, *(figure(metrics[f"{split}/{name}"]) if f"{split}/{name}" in metrics else "-" for split in splits))
         if "model/params" in metrics:
-            rows.append(("model/params", f"{int(metrics['model/params']):,}"))
-        return rows
+            table.add_section()
+            table.add_row("parameters", f"{int(metrics['model/params']):,}", *([""] * (len(splits) - 1)))
+        return table
 
     @staticmethod
     def _mlflow_rows(loop) -> list[tuple[str, str]]:
         """The job's MLflow run and the command that opens it, or why there is none."""
-        import shlex
-
         from runner.schema import mask_url
-        from runner.tracking import MLflowLogger, experiment_name
+        from runner.tracking import MLflowLogger, experiment_name, ui_rows
 
         logger = next((c for c in loop.callbacks.values() if isinstance(c, MLflowLogger)), None)
         if logger is None:
@@ -342,11 +393,7 @@ class Progress(Callback):
         except Exception as error:  # the summary never fails a finished run
             return [("MLflow run", f"{logger.run_id} (experiment '{name}')"), ("MLflow store", f"{uri} ({error})")]
         rows = [("MLflow run", f"{logger.run_id} (experiment '{name}', id {experiment_id})"), ("MLflow store", uri)]
-        page = f"#/experiments/{experiment_id}/runs/{logger.run_id}"
-        if uri.startswith(("http://", "https://")):  # a server already serves the UI
-            return rows + [("run page", f"{uri.rstrip('/')}/{page}")]
-        command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"  # a path with spaces stays one argument
-        return rows + [("open the UI", command), ("run page", f"http://127.0.0.1:5000/{page}")]
+        return rows + ui_rows(logger.client.tracking_uri, experiment_id, logger.run_id)
 
 
 class EMA(Callback):
@@ -731,7 +778,17 @@ class Profiler(Callback):
             loop.info.setdefault("artifacts", []).append((path, "profiler"))
             log.info("profiler trace of steps %d-%d: %s", first, loop.state.step, path)
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loop.device.type == "cuda" else [])
+        import torch
+
+        # kineto, the profiler's engine, writes its own lines straight to stderr: a
+        # "USDT: ... profiler_start"/"profiler_stop" pair around every trace, and on a CUDA
+        # build of torch without a usable GPU "gpuGetDeviceCount failed with code 35" (it
+        # enumerates GPUs whatever activities are asked for). What a trace holds is in its
+        # file, so kineto's lines are off (6: above all its levels); it reads the variable
+        # when it starts, and a value the user set wins (KINETO_LOG_LEVEL=4 shows its errors).
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        cuda = loop.device.type == "cuda" and torch.cuda.is_available()  # CUDA activity only where there is one
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         # one warm-up step (when wait allows) keeps the profiler's start-up out of the trace
         steps = schedule(wait=max(self.wait - 1, 0), warmup=min(self.wait, 1), active=self.trace_steps, repeat=1)
         self._trace = profile(activities=activities, schedule=steps, on_trace_ready=write)

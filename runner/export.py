@@ -48,6 +48,7 @@ from runner.errors import ConfigError, RunnerError
 log = logging.getLogger("runner")
 
 FORMATS = ("torchscript", "onnx")
+AUTO = "auto"  # the formats this environment can export: torchscript, and onnx with runner[export]
 FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
 INSTALL_HINT = "pip install 'runner[export]'"
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -76,11 +77,15 @@ class ExportModel(Callback):
     The bundle's files become MLflow artifacts (export/); with ``mlflow_model`` the
     TorchScript model is also logged as the run's MLflow model by MLflowLogger."""
 
-    def __init__(self, formats: list[str] | tuple[str, ...] = FORMATS, mlflow_model: bool = True,
+    def __init__(self, formats: str | list[str] | tuple[str, ...] = AUTO, mlflow_model: bool = True,
                  atol: float = 1e-5, rtol: float = 1e-4, dirname: str = "export"):
+        if formats == AUTO:
+            formats = available_formats()
+        if isinstance(formats, str):
+            formats = [formats]
         unknown = [name for name in formats if name not in FORMATS]
         if unknown:
-            raise ConfigError(f"callbacks.export.formats={list(formats)}: {', '.join(map(str, unknown))} is not supported; use any of {', '.join(FORMATS)}")
+            raise ConfigError(f"callbacks.export.formats={list(formats)}: {', '.join(map(str, unknown))} is not supported; use any of {', '.join(FORMATS)} (or {AUTO}: what is installed)")
         if atol < 0 or rtol < 0:
             raise ConfigError(f"callbacks.export.atol={atol}, rtol={rtol}: tolerances must be >= 0, e.g. atol=1e-5 rtol=1e-4")
         self.formats, self.mlflow_model, self.atol, self.rtol, self.dirname = list(formats), mlflow_model, atol, rtol, dirname
@@ -108,6 +113,21 @@ class ExportModel(Callback):
             "input_example": result["example"][:EXAMPLE_ROWS].numpy(),
             "mlflow_model": self.mlflow_model,
         }
+
+
+def available_formats() -> list[str]:
+    """``formats: auto``: TorchScript always, ONNX when its exporter's packages (onnx and
+    onnxscript, the runner[export] extra) are installed. A base install then exports what it
+    can without a warning; naming onnx explicitly without the extra still warns."""
+    from importlib.util import find_spec
+
+    def installed(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):  # a module without a spec: not a package to count on
+            return False
+
+    return ["torchscript"] + (["onnx"] if installed("onnx") and installed("onnxscript") else [])
 
 
 # ------------------------------------------------------------------ the bundle
@@ -227,8 +247,7 @@ def _torchscript(model: nn.Module, batches: list, expected: list, path: Path, to
         warning = f"the trace does not match the model (max |diff| {_difference(result)})"
     record["trace_problem"] = warning
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch 2.13 marks torch.jit as deprecated
+        with _torchscript_deprecation_ignored():
             scripted = torch.jit.script(model)
     except Exception as error:
         record["script_problem"] = _first_line(error)
@@ -238,10 +257,29 @@ def _torchscript(model: nn.Module, batches: list, expected: list, path: Path, to
     return record | {"method": "script"} | _save_and_check(scripted, batches, expected, path, tolerance)
 
 
+# torch.jit.trace/script/save/load warn that TorchScript is deprecated in favour of
+# torch.export (DeprecationWarning in torch 2.13, FutureWarning in some releases before it).
+# runner does use torch.export, for ONNX; model.pt stays TorchScript because a TorchScript file
+# is what loads with torch alone, without the model's Python code (torch.export's .pt2 needs
+# torch.export.load and, for a model with custom code, that code). So these warnings, and
+# only these, are silenced at runner's own calls; a real deprecation elsewhere still shows.
+_TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.\w+` is (deprecated|not supported)"
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_ignored():
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATION, category=category)
+        yield
+
+
 def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, str | None]:
     """The traced module and the tracer's first warning (None: nothing was baked in)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for category in (DeprecationWarning, FutureWarning):  # recorded, not shown: only TracerWarnings count
+            warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATION, category=category)
         traced = torch.jit.trace(model, example, check_trace=False)
     problems = [str(item.message) for item in caught if issubclass(item.category, torch.jit.TracerWarning)]
     return traced, (f"the tracer warned: {problems[0].splitlines()[0]}" if problems else None)
@@ -249,8 +287,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, str | None]:
 
 def _save_and_check(module, batches: list, expected: list, path: Path, tolerance: dict) -> dict:
     """Save, load the file back and compare: what is checked is what a user loads."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates torch.jit
+    with _torchscript_deprecation_ignored():
         torch.jit.save(module, str(path))
         loaded = torch.jit.load(str(path))
     with torch.no_grad():
@@ -382,12 +419,14 @@ def _model_card(description: dict) -> str:
         "logits = model(torch.from_numpy(batch))  # batch: float32 numpy array [batch, " + shape + "]",
         "```",
         "",
-        "```python",
-        f"import onnxruntime  # ONNX ({INSTALL_HINT})",
-        'session = onnxruntime.InferenceSession("model.onnx")',
-        f'logits = session.run(None, {{"{INPUT_NAME}": batch}})[0]',
-        "```",
-        "",
+        *([
+            "```python",
+            f"import onnxruntime  # ONNX ({INSTALL_HINT})",
+            'session = onnxruntime.InferenceSession("model.onnx")',
+            f'logits = session.run(None, {{"{INPUT_NAME}": batch}})[0]',
+            "```",
+            "",
+        ] if formats.get("onnx", {}).get("exported") else []),
         "```python",
         "import mlflow  # the run's MLflow model (set MLFLOW_TRACKING_URI to the run's store)",
         f'model = mlflow.pyfunc.load_model("runs:/{description["run_id"] or "<run id>"}/{MLFLOW_MODEL_NAME}")',
@@ -525,14 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", type=Path, help="a runner checkpoint: <run dir>/checkpoints/best.pt or last.pt")
     parser.add_argument("--out", type=Path, default=None, help="directory to write the files into (default: <run dir>/export)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="formats to export (default: both)")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=None,
+                        help="formats to export (default: torchscript, and onnx when runner[export] is installed)")
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the check against PyTorch (default 1e-5)")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the check against PyTorch (default 1e-4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     try:
-        result = export_checkpoint(args.checkpoint, args.out, args.formats, args.atol, args.rtol)
+        result = export_checkpoint(args.checkpoint, args.out, args.formats or available_formats(), args.atol, args.rtol)
     except RunnerError as error:
         print(f"runner.export: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 1)

@@ -95,7 +95,9 @@ class Loop:
         while not self._done():
             # before the loader is made: a callback may change what it samples (mining)
             self.emit("on_epoch_start")
-            loader = self._loader("train", epoch=self.state.epoch, start_batch=self.state.batch_in_epoch)
+            # overfitting: epoch 0's order every epoch, so its first batches are the same ones
+            order = 0 if self.trainer.overfit_batches > 0 else self.state.epoch
+            loader = self._loader("train", epoch=order, start_batch=self.state.batch_in_epoch)
             self.model.train()
             for x, y in loader:
                 self._train_batch(x, y)
@@ -266,7 +268,7 @@ class Loop:
         and persist across epochs and validations; only the sampler's epoch, start position
         and (for training) sample weights change between uses."""
         if limit is None:
-            limit = self.trainer.limit_train_batches if split == "train" else self.trainer.limit_val_batches
+            limit = train_batch_limit(self.trainer) if split == "train" else self.trainer.limit_val_batches
         loader = self._loaders.get((split, limit))
         if loader is None:
             loader = self._loaders[(split, limit)] = self.parts.data.loader(
@@ -366,6 +368,12 @@ class Loop:
 
 def plan(data: DataModule, trainer: Any, world_size: int = 1) -> tuple[int, int]:
     """Micro-batches per epoch (per rank) and optimizer steps in the whole run (schedulers need it)."""
-    batches = data.batches_per_epoch(trainer.limit_train_batches, world_size)
+    batches = data.batches_per_epoch(train_batch_limit(trainer), world_size)
     steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
     return batches, (min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)
+
+
+def train_batch_limit(trainer: Any) -> int:
+    """Training batches per epoch the settings allow: overfit_batches when set, else
+    limit_train_batches (-1: all)."""
+    return trainer.overfit_batches if trainer.overfit_batches > 0 else trainer.limit_train_batches

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runner.errors import ConfigError
 from runner.run import RunResult
+from runner.schema import objective_names
 
 log = logging.getLogger("runner")
 FIELDS = ("best_checkpoint", "last_checkpoint", "output_dir", "mlflow_run_id", "metrics")
@@ -77,6 +78,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], pipeline_dir: Path) -> d
     parent = _ParentRun(cfg, pipeline_dir)
     done: dict[str, dict] = {}
     results: dict[str, RunResult] = {}
+    rows: list[tuple[str, ...]] = []  # the summary's, one per stage
     status = "FAILED"
     try:
         for stage in stages:
@@ -87,6 +89,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], pipeline_dir: Path) -> d
             _refuse_distributed(stage_cfg)
             directory = pipeline_dir / stage["name"]
             result = _finished(directory, stage_cfg)
+            metric_names = objective_names(stage_cfg.optimized_metric)
+            ran = "skipped (finished earlier)" if result is not None else "trained"
             if result is not None:
                 log.info("pipeline stage '%s': finished earlier in %s, skipped", stage["name"], directory)
             else:
@@ -99,14 +103,40 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], pipeline_dir: Path) -> d
                     result = run(stage_cfg, output_dir=directory, command_line=stage_overrides, choices=choices)
             results[stage["name"]] = result
             done[stage["name"]] = _fields(result)
+            rows.append(_summary_row(stage["name"], ran, result, metric_names))
         status = "FINISHED"
         (pipeline_dir / "pipeline.json").write_text(json.dumps(done, indent=2) + "\n")
+        print_summary(OmegaConf.select(cfg, "pipeline.name"), rows, pipeline_dir, parent.run_id)
         return results
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         parent.close(status, done)
+
+
+def _summary_row(name: str, ran: str, result: RunResult, metric_names: list[str]) -> tuple[str, ...]:
+    metrics = "  ".join(f"{metric} {result.metrics[metric]:.4f}" for metric in metric_names if metric in result.metrics)
+    checkpoint = result.best_checkpoint or result.last_checkpoint
+    return name, ran, metrics or "-", result.mlflow_run_id or "-", str(checkpoint or result.output_dir)
+
+
+def print_summary(pipeline: str, rows: list[tuple[str, ...]], pipeline_dir: Path, parent_run_id: str | None) -> None:
+    """The pipeline's end: each stage with its optimized metric, MLflow run and weights, after
+    the last stage's own summary."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    parent = f"MLflow pipeline run {parent_run_id}; " if parent_run_id else ""
+    table = Table(title=f"pipeline {pipeline}: {len(rows)} stages", caption=f"{parent}all fields: {pipeline_dir / 'pipeline.json'}")
+    for column in ("stage", "ran", "optimized metric", "MLflow run", "best checkpoint (or output dir)"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: a [bracket] in a path is not rich markup
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _fields(result: RunResult) -> dict[str, Any]:

@@ -15,13 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import checkpoint, distributed
+from runner import checkpoint, distributed, threads
 from runner.build import build
 from runner.errors import ConfigError, Interrupted, Pruned, RunnerError
+from runner.joblog import job_output
 from runner.loop import Loop
 from runner.metrics import check_metric_name
 from runner.plots import confusion_matrix_png
-from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, mask_override, objective_names, remember_env_values
+from runner.schema import CLIP_ALGORITHMS, NONFINITE_POLICIES, PRECISIONS, STRATEGIES, objective_names, remember_env_values
 from runner.state import seed_everything
 
 log = logging.getLogger("runner")
@@ -43,6 +44,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: lis
     """One job: returns its metrics; the logger's run ends FINISHED, FAILED or KILLED.
     Outside a Hydra app (train(), pipelines) output_dir, command_line and the group
     choices come from the caller."""
+    # what libraries say that runner cannot act on goes to runner.log: the terminal shows
+    # the progress and, last, the summary (__main__ opens this earlier, around its imports)
+    with job_output():
+        return _run(cfg, output_dir, command_line, choices)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path | None, command_line: list[str] | None,
+         choices: dict[str, str] | None) -> RunResult:
     info = job_info(output_dir, command_line)
     if choices:
         info["choices"] = {key: value for key, value in choices.items() if value is not None}
@@ -58,11 +67,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, command_line: lis
     # per-rank streams: dropout and augmentation differ between ranks; DDP copies rank 0's
     # initial weights to the others
     seed_everything(cfg.trainer.seed + dist.rank, cfg.trainer.deterministic)
-    if cfg.trainer.num_threads > 0:
-        torch.set_num_threads(cfg.trainer.num_threads)
     remember_env_values(cfg)  # what ${oc.env:...} reads is masked wherever the config is sent (schema.py)
     config = resolved(cfg)
     parts = build(cfg, info["overrides"], dist.world_size)
+    info["threads"] = threads.choose(cfg.trainer.num_threads, parts.model, parts.data.input_shape, parts.data.batch_size,
+                                     device, threads.ranks_on_this_node() if dist.enabled else 1)
+    log.info("threads: %s", info["threads"].reason)
     loop = Loop(parts, cfg.trainer, device, info["output_dir"] / "checkpoints", config, dist)
     loop.info.update(info)
     status, error = "FAILED", None
@@ -136,7 +146,9 @@ def job_info(output_dir: str | Path | None, command_line: list[str] | None) -> d
     info["choices"] = {key: value for key, value in hydra.runtime.choices.items() if value is not None}
     if hydra.mode == RunMode.MULTIRUN:
         info["job_num"] = hydra.job.num
-        info["run_name"] = f"job {hydra.job.num}: {' '.join(map(mask_override, hydra.overrides.task))}"[:250]
+        # short: <sweep dir name>-<job number> (an Optuna sweep's dir is its study name); the
+        # job's overrides are its MLflow tag "overrides"
+        info["run_name"] = f"{Path(hydra.sweep.dir).name}-{hydra.job.num}"
     return info
 
 
@@ -186,11 +198,13 @@ def check(cfg: DictConfig) -> None:
     expect(trainer.precision in PRECISIONS, f"trainer.precision='{trainer.precision}' is not supported; use one of {', '.join(PRECISIONS)}")
     expect(trainer.nonfinite_loss in NONFINITE_POLICIES, f"trainer.nonfinite_loss='{trainer.nonfinite_loss}' is not supported; use one of {', '.join(NONFINITE_POLICIES)}")
     expect(trainer.gradient_clip_algorithm in CLIP_ALGORITHMS, f"trainer.gradient_clip_algorithm='{trainer.gradient_clip_algorithm}' is not supported; use one of {', '.join(CLIP_ALGORITHMS)}")
-    expect(trainer.num_threads >= 0, f"trainer.num_threads={trainer.num_threads} is negative; use 0 (torch's default) or a thread count")
+    expect(trainer.num_threads == "auto" or (isinstance(trainer.num_threads, int) and trainer.num_threads >= 0),
+           f"trainer.num_threads={trainer.num_threads!r} is not a thread count; use auto (the default), a count, or 0 (torch's default)")
     expect(trainer.max_epochs >= 1, f"trainer.max_epochs={trainer.max_epochs} must be at least 1")
     expect(trainer.accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be at least 1")
     expect(trainer.val_check_interval >= 0, f"trainer.val_check_interval={trainer.val_check_interval} is negative; use 0 (every epoch) or a step count")
     expect(trainer.limit_train_batches != 0, "trainer.limit_train_batches=0 trains on nothing; use -1 (all) or a positive count")
+    expect(trainer.overfit_batches >= 0, f"trainer.overfit_batches={trainer.overfit_batches} is negative; use 0 (off) or a batch count")
     expect(trainer.gradient_clip_val >= 0, f"trainer.gradient_clip_val={trainer.gradient_clip_val} is negative; use 0 (off) or a positive bound")
     lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
     expect(lr is None or lr > 0, f"optimizer.lr={lr} is invalid; use a positive learning rate, e.g. optimizer.lr=1e-3")

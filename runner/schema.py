@@ -16,8 +16,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf as HydraBasicSweeperConf
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, ListConfig, OmegaConf
@@ -55,16 +56,22 @@ class TrainerConf:
     # use only the first N batches of an epoch / of an evaluation; -1: all
     limit_train_batches: int = -1
     limit_val_batches: int = -1
+    # train on the same N batches every epoch (epoch 0's shuffled order; debug=overfit); 0: off.
+    # Takes the place of limit_train_batches. A model and loss that cannot drive train/loss
+    # towards 0 on them have a bug (as Lightning's overfit_batches; validation keeps its split)
+    overfit_batches: int = 0
     seed: int = 0
     # seed python/numpy/torch and switch torch to deterministic algorithms
     deterministic: bool = False
-    # CPU threads for torch's intra-op work (torch.set_num_threads); 0 keeps torch's default.
-    # Small models gain nothing from more, and on a shared machine extra threads wait on
-    # each other
-    num_threads: int = 0
+    # CPU threads for torch's intra-op work (torch.set_num_threads). auto: 1 when a training
+    # step is small (under 1 GFLOP, counted once on the model; more threads only wait on
+    # each other), else this process's cores shared between the ranks of the machine
+    # (runner/threads.py); a number sets it; 0 keeps torch's default
+    num_threads: Union[int, str] = "auto"
     # a non-finite training loss: error (stop with a message) or skip (drop that step)
     nonfinite_loss: str = "error"
-    # print a progress line every N steps when stdout is not a terminal; 0: per epoch only
+    # a progress line every N steps in runner.log (and on the terminal when it shows no
+    # progress bar); 0: per epoch only
     log_every_n_steps: int = 50
 
 
@@ -346,7 +353,8 @@ def _shard_facts(key: str, *, _parent_: Any) -> Any:
 
 def _hf_facts(key: str, *, _parent_: Any) -> Any:
     """OmegaConf resolver ${hf_facts:num_classes|input_shape} in data=hf: read from the saved
-    dataset the data node names (its path, input, label, image_size and channels), once per process."""
+    dataset the data node names (its path, input, label, and the image or audio settings that
+    shape a sample), once per process."""
     from runner.data.hf import published
 
     return published(_parent_, key)
@@ -369,7 +377,8 @@ def study_name(*, _root_: Any) -> str:
     Run-length settings (n_trials, n_jobs, storage) and per-job overrides do not count.
     """
     hydra = _root_.hydra
-    space = OmegaConf.to_container(hydra.sweeper.get("params") or {}, resolve=True)
+    params = hydra.sweeper.get("params")  # None with hydra/sweeper=runner_optuna and no preset
+    space = OmegaConf.to_container(params, resolve=True) if params else {}
     kept = sorted(
         override for override in hydra.overrides.task
         if not override.split("=")[0].lstrip("+~").startswith(("hydra.", "hydra/", "hparams_search"))
@@ -403,9 +412,20 @@ class SweeperConf(OptunaSweeperConf):
     n_jobs: int = 1
 
 
+@dataclass
+class BasicSweeperConf(HydraBasicSweeperConf):
+    """Hydra's basic sweeper (a plain -m), with deletions (~key) handed to the jobs as typed
+    (runner/sweeper.py); the default hydra/sweeper of conf/train.yaml."""
+
+    _target_: str = "runner.sweeper.BasicSweeper"
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="runner_schema", node=RunConf)
+    store.store(group="hydra/sweeper", name="runner_basic", node=BasicSweeperConf, provider="runner")
+    # listed early in conf/train.yaml's defaults: hparams_search=... and hydra/sweeper=... override it
+    store.store(name="runner_sweeper", node={"defaults": [{"override /hydra/sweeper": "runner_basic"}]}, provider="runner")
     store.store(group="hydra/sweeper", name="runner_optuna", node=SweeperConf, provider="runner")
     # not use_cache: OmegaConf caches on the literal "${data.path}", not on its value
     OmegaConf.register_resolver("tensor_file", _tensor_file_info, replace=True)

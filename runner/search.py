@@ -234,7 +234,9 @@ class OptunaSearch(OptunaSweeperImpl):
                 f"{prefix}._target_={__name__}.OptunaPruning",
                 f"{prefix}.storage='{self.storage}'",
                 f"{prefix}.study_name='{trial.study.study_name}'",
-                f"{prefix}.trial_id={trial._trial_id}",
+                # the trial's number, which is also the job's (the storage's own trial ids
+                # start at 1 and would read as off by one beside the job numbers)
+                f"{prefix}.trial_number={trial.number}",
                 f"{prefix}.monitor={pruning_monitor(self.config)}",
                 # the job's own copy of this sweep's pruner config
                 f"{prefix}.pruner='${{hydra:sweeper.pruner}}'",
@@ -299,9 +301,10 @@ class OptunaPruning(Callback):
     """Reports the monitored metric to this job's Optuna trial at each validation and stops
     the run cleanly when the study's pruner says so. Added to each job by the Sweeper."""
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str, pruner: Any = None):
+    def __init__(self, storage: str, study_name: str, trial_number: int, monitor: str, pruner: Any = None):
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-        self.trial = optuna.trial.Trial(study, trial_id)
+        (trial,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+        self.trial = optuna.trial.Trial(study, trial._trial_id)
         self.monitor = monitor
         self.pruned_at: int | None = None
 

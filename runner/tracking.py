@@ -64,6 +64,22 @@ def default_tracking_uri(tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def _quiet_store_creation():
+    """MLflow and alembic announce a new sqlite store's tables on MLflow's own stderr handler
+    ("Creating initial MLflow database tables...", "Context impl SQLiteImpl."); runner says
+    it once in runner.log instead. Warnings and errors still show."""
+    names = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def connect(tracking_uri: str, experiment_name: str, required: bool = True):
     """A client and experiment id, or (None, None) when the store is unreachable or unusable
     and not required. Fails fast instead of MLflow's minutes of retries."""
@@ -83,7 +99,7 @@ def connect(tracking_uri: str, experiment_name: str, required: bool = True):
         from mlflow.tracking import MlflowClient
 
         try:
-            with _store_lock(store_uri):
+            with _store_lock(store_uri), _quiet_store_creation():
                 created = _new_sqlite_file(store_uri)
                 try:
                     client = MlflowClient(store_uri)
@@ -91,6 +107,8 @@ def connect(tracking_uri: str, experiment_name: str, required: bool = True):
                 except Exception:
                     _remove_partial_store(created)
                     raise
+            if created:
+                log.info("created the MLflow store %s", shown)
             return client, experiment_id
         except Exception as error:  # an unknown scheme, missing credentials, a foreign database
             message = _unusable_store_message(source, shown, tracking_uri, error)
@@ -383,6 +401,7 @@ class MLflowLogger(Callback):
         run_id = self.resume_run_id or _read_run_id(info["output_dir"])
         if run_id and self._reopen(run_id):
             log.info("continuing MLflow run %s", run_id)
+            self._log_changed_params(loop.config)
         else:
             run = self.client.create_run(experiment_id, run_name=self.run_name or info.get("run_name") or _run_name(info), tags=_tags(loop))
             self.run_id = run.info.run_id
@@ -412,16 +431,43 @@ class MLflowLogger(Callback):
     def _log_params(self, config: dict) -> None:
         """The resolved config as dotted keys, secrets masked (schema.mask_secrets); the
         .hydra/config.yaml on disk keeps what Hydra wrote."""
+        self._send_params(_params(config))
+
+    def _send_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        params = []
-        for key, value in sorted(flatten(mask_secrets(config)).items()):
+        entries = []
+        for key, value in sorted(params.items()):
             if len(key) > MAX_KEY_LENGTH:
                 log.warning("param %s... not logged to MLflow: keys are limited to %d characters", key[:60], MAX_KEY_LENGTH)
                 continue
-            params.append(Param(key, _truncate(value)))
-        for start in range(0, len(params), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
+            entries.append(Param(key, value))
+        for start in range(0, len(entries), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=entries[start : start + PARAMS_PER_BATCH])
+
+    def _log_changed_params(self, config: dict) -> None:
+        """A run resumed with other settings (trainer.max_epochs=4 after 2). MLflow params are
+        written once and keep the first values, so the values now in effect go to new params
+        resume/<n>/<key> (n: the resumes that changed something, from 1) and the tag
+        resume/<n> lists the changes; a resume with the same config logs nothing."""
+        from mlflow.entities import RunTag
+
+        logged = self.client.get_run(self.run_id).data.params
+        numbered = [(int(key.split("/")[1]), key.split("/", 2)[2]) for key in logged if re.fullmatch(r"resume/\d+/.+", key)]
+        in_effect = {key: value for key, value in logged.items() if not key.startswith("resume/")}
+        for number, key in sorted(numbered):
+            in_effect[key] = logged[f"resume/{number}/{key}"]
+        now = {key: value for key, value in _params(config).items() if len(key) <= MAX_KEY_LENGTH}  # as first logged
+        changed = {key: value for key, value in now.items() if in_effect.get(key) != value}
+        removed = sorted(key for key in in_effect if key not in now and in_effect[key] != REMOVED)
+        if not changed and not removed:
+            return
+        number = max((n for n, _ in numbered), default=0) + 1
+        changed |= {key: REMOVED for key in removed}
+        self._send_params({f"resume/{number}/{key}": value for key, value in changed.items()})
+        summary = ", ".join(f"{key}: {in_effect.get(key, '(unset)')} -> {value}" for key, value in sorted(changed.items()))
+        self.client.log_batch(self.run_id, tags=[RunTag(f"resume/{number}", _truncate(summary))])
+        log.info("MLflow params keep the first values; this resume's are params resume/%d/...: %s", number, _truncate(summary)[:500])
 
     def on_log(self, loop, metrics):
         if self.sender is None:
@@ -568,6 +614,36 @@ def mlflow_config(logger: Any) -> Any:
     if "_target_" in logger:
         return None
     return next((entry for entry in logger.values() if isinstance(entry, (dict, DictConfig)) and entry.get("_target_") == target), None)
+
+
+MLFLOW_UI_PORT = "5000"  # the port `mlflow ui` listens on unless given --port or $MLFLOW_PORT
+
+
+def ui_rows(tracking_uri: str, experiment_id: str, run_id: str) -> list[tuple[str, str]]:
+    """(label, text) rows saying where to see a run: a server's own run page; for a local
+    store, the command that serves the UI (with the port spelled out) and the page it serves."""
+    import shlex
+
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = mask_url(tracking_uri)  # printed: never a password
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https"):  # a server already serves the UI, at its own address
+        return [("run page", urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", "")) + page)]
+    if parts.scheme.startswith("databricks"):
+        return []
+    port = os.environ.get("MLFLOW_PORT") or MLFLOW_UI_PORT
+    host = os.environ.get("MLFLOW_HOST", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {port}"  # a path with spaces stays one argument
+    return [("to open the UI, run", command), ("then open", f"http://{host}:{port}/{page}")]
+
+
+REMOVED = "(removed)"  # the value of a resume/<n>/<key> param whose key the resumed config lacks
+
+
+def _params(config: dict) -> dict[str, str]:
+    """The config as MLflow params: dotted keys, secrets masked, long values truncated."""
+    return {key: _truncate(value) for key, value in flatten(mask_secrets(config)).items()}
 
 
 def _read_run_id(output_dir: Path, name: str = "mlflow_run_id") -> str | None:

@@ -1,6 +1,7 @@
 """runner from Python (train()) and multi-stage pipelines."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -107,9 +108,17 @@ def test_two_stage_pipeline_passes_weights_skips_finished_stages_and_resumes_the
     assert sorted(run.info.run_id for run in children) == sorted([finetune_run, (pipe / "pretrain" / "mlflow_run_id").read_text().strip()])
     assert {run.info.status for run in children} == {"FINISHED"}
     assert client.get_run(parent).info.status == "FINISHED"
+    # the pipeline's own summary, last: each stage, how it ran, its optimized metric, run, weights
+    assert "pipeline tiny_two_stage: 2 stages" in again.stdout and f"MLflow pipeline run {parent}" in again.stdout
+    for stage, ran in (("pretrain", r"skipped \(finished earlier\)"), ("finetune", "trained")):
+        value = summary[stage]["metrics"]["val/acc"]
+        run_id = (pipe / stage / "mlflow_run_id").read_text().strip()
+        best = re.escape(str(pipe / stage / "checkpoints" / "best.pt"))
+        assert re.search(rf"│ {stage}\s+│ {ran}\s+│ val/acc {value:.4f}\s+│ {run_id}\s+│ {best}\s+│", again.stdout), again.stdout[-3000:]
 
     third = run_cli(args, cwd=tmp_path)  # everything finished: both stages skipped
-    assert third.returncode == 0 and third.stdout.count("finished earlier") == 2
+    assert third.returncode == 0 and third.stdout.count("finished earlier in") == 2
+    assert len(re.findall(r"│ (?:pretrain|finetune)\s+│ skipped \(finished earlier\)", third.stdout)) == 2
 
 
 def test_a_stage_referring_to_an_unknown_stage_is_refused():

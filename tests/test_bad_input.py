@@ -177,7 +177,9 @@ CASES = {
     ),
     "foreign keys for own model": Case(
         _args("model._target_=runner_test_helpers.TinyNet", "+model.width=8"), 2,
-        ERROR + r"model: 'runner_test_helpers\.TinyNet' does not take channels=\[32, 64\]; drop it with ~model\.channels",
+        # every key the class does not take, in one message (not one run per key)
+        ERROR + r"model: 'runner_test_helpers\.TinyNet' does not take channels=\[32, 64\], dropout=0\.1 "
+        r"\(it takes input_shape, num_classes, width\); drop them with ~model\.channels ~model\.dropout, or write a model file",
     ),
     "target not allowed": Case(
         _foreign_target, 2,

@@ -39,6 +39,21 @@ def test_console_script_runs_a_debug_job(tmp_path):
     assert result.returncode == 0, result.stderr
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step"]) == (1, 2)  # debug=fast: 1 epoch of 2 batches
+    # and nothing but the loop: no drift report, export or curves (the smoke test's seconds)
+    out = tmp_path / "out"
+    assert (out / "metrics.json").is_file()
+    assert not (out / "export").exists() and not (out / "drift.json").exists() and not (out / "training_curves.png").exists()
+    assert "drift:" not in result.stdout + result.stderr and "export:" not in result.stdout + result.stderr
+
+
+def test_debug_overfit_drives_train_loss_near_zero_on_two_batches(tmp_path):
+    # the default job on the same 2 batches (128 of the 1257 training digits) for 100 epochs;
+    # 2 fresh batches an epoch would train on the whole split (train/loss ~0.03 at the end)
+    result = run_cli(["debug=overfit", "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "hydra.run.dir=out"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert (state["epoch"], state["step"]) == (100, 200)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train/loss"] < 0.015
 
 
 def test_help_and_cfg_job_do_not_import_torch(tmp_path):

@@ -113,23 +113,33 @@ def test_run_summary_names_output_dir_checkpoint_mlflow_run_and_metrics(tmp_path
     assert result.returncode == 0, result.stderr
     out = result.stdout
     run_id = (tmp_path / "out" / "mlflow_run_id").read_text().strip()
-    assert re.search(rf"output dir\s+│ {re.escape(str(tmp_path / 'out'))}\s", out)
-    assert re.search(rf"best checkpoint\s+│ {re.escape(str(tmp_path / 'out' / 'checkpoints' / 'best.pt'))}\s", out)
-    assert re.search(rf"MLflow run\s+│ {run_id} \(experiment 'runner', id 1\)", out)
+    # the paths and the run follow the metrics table, one per line, never wrapped
+    assert re.search(rf"^output dir +{re.escape(str(tmp_path / 'out'))}$", out, re.MULTILINE)
+    assert re.search(rf"^best checkpoint +{re.escape(str(tmp_path / 'out' / 'checkpoints' / 'best.pt'))}$", out, re.MULTILINE)
+    assert re.search(rf"^MLflow run +{run_id} \(experiment 'runner', id 1\)$", out, re.MULTILINE)
     assert f"mlflow ui --backend-store-uri {store}" in out
     assert f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}" in out
-    lines = out.splitlines()
-    rows = [next(i for i, line in enumerate(lines) if re.match(rf"│ {key}\s+│", line)) for key in ("test", "val", "model/params")]
-    assert rows == sorted(rows)  # test first, then val, then the model's size
-    assert re.search(r"│ test\s+│ acc \d\.\d{4}  f1 ", out)
+    assert re.search(r"┃ metric +┃ +test ┃ +val ┃", out)  # one column per split, test first
+    assert re.search(r"│ acc +│ \d\.\d{4} │ \d\.\d{4} │", out)
+    assert re.search(r"│ parameters +│ +[\d,]+ │", out)  # the model's size
 
 
 @pytest.mark.slow
 def test_run_summary_says_when_mlflow_is_off(tmp_path):
     result = run_cli([*TINY_RUN, "logger=none", "hydra.run.dir=out"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"MLflow\s+│ off \(logger=none\)", result.stdout)
+    assert re.search(r"^MLflow +off \(logger=none\)$", result.stdout, re.MULTILINE)
     assert str(tmp_path / "out" / "checkpoints" / "best.pt") in result.stdout
+    # the thread count trainer.num_threads=auto chose, and why (a tiny model: one thread)
+    assert re.search(r"^CPU threads +1 \(auto: [\d.e+-]+ GFLOP a step, under 1\)$", result.stdout, re.MULTILINE)
+    assert "threads: 1 (auto: " in (tmp_path / "out" / "runner.log").read_text()
+
+
+def test_summary_figures_keep_small_metrics_readable():
+    from runner.callbacks import figure
+
+    assert [figure(value) for value in (0.98519, 0.0, 1.5, 0.00123, 3.1e-05, -2e-06)] == [
+        "0.9852", "0.0000", "1.5000", "0.0012", "3.100e-05", "-2.000e-06"]
 
 
 # --------------------------------------------------------------------------- compare

@@ -174,3 +174,55 @@ def test_one_loader_per_split_keeps_its_workers_for_the_whole_run(cfg, tmp_path)
     train_workers, val_workers = ({path.name for path in (tmp_path / split).iterdir()} for split in ("train", "val"))
     assert len(train_workers) == 2 and len(val_workers) == 2, (train_workers, val_workers)
     assert not train_workers & val_workers and str(__import__("os").getpid()) not in train_workers
+
+
+class BatchRecorder(Callback):
+    """Keeps the training inputs each epoch sees, batch by batch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch(self, loop, x, y):
+        self.epochs.setdefault(loop.state.epoch, []).append(x.clone())
+        return x, y
+
+
+def _same_batches(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(cfg, tmp_path):
+    overfit, limited = BatchRecorder(), BatchRecorder()
+    make_loop(cfg("trainer.max_epochs=3", "callbacks=none", "trainer.overfit_batches=2"), tmp_path, recorder=overfit).fit()
+    make_loop(cfg("trainer.max_epochs=3", "callbacks=none", "trainer.limit_train_batches=2"), tmp_path, recorder=limited).fit()
+    assert sorted(overfit.epochs) == [0, 1, 2] and all(len(batches) == 2 for batches in overfit.epochs.values())
+    assert _same_batches(overfit.epochs[0], overfit.epochs[1]) and _same_batches(overfit.epochs[0], overfit.epochs[2])
+    # limit_train_batches takes the first 2 batches of each epoch's new order: other samples
+    assert not _same_batches(limited.epochs[0], limited.epochs[1])
+    assert _same_batches(overfit.epochs[0], limited.epochs[0])  # epoch 0's order, shuffled as usual
+
+
+def test_debug_overfit_drives_train_loss_towards_zero(cfg, tmp_path):
+    recorder = Recorder()
+    config = cfg("debug=overfit", "model=mlp", "callbacks=none", "trainer.max_epochs=60")
+    assert config.trainer.overfit_batches == 2 and config.trainer.limit_train_batches == -1
+    loop = make_loop(config, tmp_path, recorder=recorder)
+    loop.fit()
+    losses = recorder.series("train/loss")
+    assert loop.state.step == 120 and len(losses) == 60
+    assert losses[-1] < 0.05 < losses[0], (losses[0], losses[-1])
+
+
+def test_overfit_batches_resume_is_bit_identical(cfg, tmp_path):
+    common = ["model=mlp", "callbacks=none", "trainer.overfit_batches=2", "trainer.deterministic=true"]
+    straight = make_loop(cfg(*common, "trainer.max_epochs=4"), tmp_path / "straight")
+    straight.fit()
+    first = make_loop(cfg(*common, "trainer.max_epochs=2"), tmp_path / "first")
+    first.fit()
+    saved = first.state_dict()  # now: the random streams as the first run left them
+    resumed = make_loop(cfg(*common, "trainer.max_epochs=4"), tmp_path / "resumed")
+    resumed.load_state_dict(saved)
+    resumed.fit()
+    assert resumed.state.step == straight.state.step == 8
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key

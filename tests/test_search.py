@@ -1,5 +1,6 @@
 """Sweeps for real: Optuna's sqlite storage, jobs run by Hydra's launcher in a subprocess sweep."""
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -160,6 +161,21 @@ def test_median_pruner_stops_bad_trials_early(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     states = {r.data.tags.get("optuna.trial.state"): r.info.status for r in runs if "optuna.trial.state" in r.data.tags}
     assert states["PRUNED"] == "KILLED" and states["COMPLETE"] == "FINISHED"
+    # a job's MLflow run is named <sweep>-<job number>; the pruning callback's trial number
+    # (an internal override, shown by runner.compare) is the job number too
+    jobs = [r for r in runs if "optuna.trial.state" in r.data.tags]
+    assert len(jobs) == 6
+    for job in jobs:
+        number = job.data.tags["hydra.job.num"]
+        assert job.data.tags["optuna.trial.number"] == job.data.params["callbacks.optuna_pruning.trial_number"] == number
+        assert job.info.run_name == f"{sweep_dir.name}-{number}"
+        assert f"+callbacks.optuna_pruning.trial_number={number}" in job.data.tags["overrides"].split()
+    (parent,) = [r for r in runs if r.data.tags.get("runner.sweep") == "true"]
+    compare = subprocess.run([sys.executable, "-m", "runner.compare", "--sweep", parent.info.run_id], cwd=tmp_path, capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stderr
+    assert "trial_id" not in compare.stdout
+    # the row of the differing param (its label shortened to the column): jobs 0-5 in order
+    assert re.search(r"callbacks\.optuna_pruning\.trial\S*\s+│\s+0\s+│\s+1\s+│\s+2\s+│\s+3\s+│\s+4\s+│\s+5\s", compare.stdout), compare.stdout
 
 
 def test_two_objectives_give_a_pareto_front(tmp_path):

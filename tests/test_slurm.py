@@ -35,6 +35,18 @@ def test_a_sweep_on_slurm_lands_under_one_parent(tmp_path, slurm_cluster):
     slurm_cluster.wait_idle(60)
 
 
+def test_a_submission_with_callbacks_switched_off(tmp_path, slurm_cluster):
+    # a Slurm submission is a sweep of one: its overrides reach the job through the sweeper
+    off = ["~callbacks.export", "~callbacks.drift", "callbacks.curves=null"]
+    result = run_cli(["-m", *SMALL, "trainer.max_epochs=1", "logger=none", *off, "hydra.sweep.dir=sweep"], cwd=tmp_path, env=slurm_cluster.env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = tmp_path / "sweep" / "0"
+    assert (job / "metrics.json").is_file() and (job / "checkpoints" / "best.pt").is_file()
+    assert not (job / "export").exists() and not (job / "drift.json").exists() and not (job / "training_curves.png").exists()
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # it ran as a Slurm job
+    slurm_cluster.wait_idle(60)
+
+
 def test_a_preempted_job_is_requeued_and_ends_as_if_never_stopped(tmp_path, slurm_cluster):
     # one thread in both runs: a Slurm job may get one CPU where the straight run gets two, and a
     # different thread count sums floats in another order (the last bits differ)

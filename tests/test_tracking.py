@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from runner.schema import flatten
-from runner.tracking import MAX_PARAM_LENGTH, TRUNCATED, _truncate, _unreachable, credentials_to_environment
+from runner.tracking import MAX_PARAM_LENGTH, TRUNCATED, _truncate, _unreachable, credentials_to_environment, ui_rows
 from tests.conftest import HELPERS, free_port, run_cli, start_mlflow_server, stop_mlflow_server
 
 # 179 training samples / 32 = 6 steps per epoch
@@ -46,6 +46,38 @@ def test_credentials_in_a_server_uri_go_to_mlflow_and_the_probe_asks_the_real_ho
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("b:b", "p@ss")
     assert "refused" in _unreachable(uri)  # the closed port of 127.0.0.1, not a host named 'b%3Ab:p%40ss@127.0.0.1'
     assert credentials_to_environment("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_the_run_page_comes_from_the_tracking_uri_or_from_the_ui_command(monkeypatch):
+    page = "#/experiments/3/runs/abc"
+    assert ui_rows("http://mlflow.example:8080/prefix/", "3", "abc") == [("run page", f"http://mlflow.example:8080/prefix/{page}")]
+    assert ui_rows("https://mlflow.example", "3", "abc") == [("run page", f"https://mlflow.example/{page}")]
+    # a local store: the command that serves it, its port spelled out, and the page it serves
+    monkeypatch.delenv("MLFLOW_PORT", raising=False)
+    monkeypatch.delenv("MLFLOW_HOST", raising=False)
+    assert ui_rows("sqlite:////data/my runs/mlflow.db", "3", "abc") == [
+        ("to open the UI, run", "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --port 5000"),
+        ("then open", f"http://127.0.0.1:5000/{page}"),
+    ]
+    monkeypatch.setenv("MLFLOW_PORT", "5123")  # mlflow ui reads it too
+    (command, link) = ui_rows("sqlite:////x/mlflow.db", "3", "abc")
+    assert command[1].endswith("--port 5123") and link[1] == f"http://127.0.0.1:5123/{page}"
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_other_settings_records_them(tmp_path):
+    args = [*SMALL, "~callbacks.export", "~callbacks.drift", "~callbacks.curves", "hydra.run.dir=out"]
+    for epochs in (1, 2, 2, 3):  # the third resumes with the same settings: nothing to record
+        result = run_cli([*args, f"trainer.max_epochs={epochs}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _runs(_client(tmp_path))  # one run, resumed three times
+    params = run.data.params
+    assert params["trainer.max_epochs"] == "1"  # MLflow keeps a param's first value
+    assert params["resume/1/trainer.max_epochs"] == "2" and params["resume/2/trainer.max_epochs"] == "3"
+    assert sorted(key for key in params if key.startswith("resume/")) == ["resume/1/trainer.max_epochs", "resume/2/trainer.max_epochs"]
+    assert run.data.tags["resume/1"] == "trainer.max_epochs: 1 -> 2" and run.data.tags["resume/2"] == "trainer.max_epochs: 2 -> 3"
+    assert "resume/3" not in run.data.tags
+    assert "this resume's are params resume/2/...: trainer.max_epochs: 2 -> 3" in (tmp_path / "out" / "runner.log").read_text()
 
 
 @pytest.mark.slow
@@ -150,6 +182,9 @@ def test_a_grid_sweep_is_one_parent_with_nested_jobs_and_a_summary(tmp_path):
     assert len(runs) == 5 and len(children) == 4
     assert {run.info.status for run in runs} == {"FINISHED"}
     assert sorted(run.data.tags["hydra.job.num"] for run in children) == ["0", "1", "2", "3"]
+    # short names, <sweep dir name>-<job number>; the overrides are a tag
+    assert sorted(run.info.run_name for run in children) == ["sweep-0", "sweep-1", "sweep-2", "sweep-3"]
+    assert all("model=" in run.data.tags["overrides"] and "optimizer.lr=" in run.data.tags["overrides"] for run in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep_summary.csv", "sweep_objective.png", "multirun.yaml"}
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep_summary.csv")))
     assert [row["job"] for row in rows] == ["0", "1", "2", "3"]

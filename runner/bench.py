@@ -25,6 +25,8 @@ TARGETS = {
     "loop_mlp_b1": ("runner / hand-written, MLP batch 1", 1.15),
     "mlflow_every_step": ("MLflow every step / no logger (CNN batch 128)", 1.03),
     "default_job_wall_s": ("default job wall time, s", 20.0),
+    # start-up, end-of-run work and exit around the fit, against the floor of any torch job
+    "default_job_overhead": ("default job wall / (import torch + fit)", 1.5),
     "cfg_job_s": ("`--cfg job` wall time, s", 0.6),
     "help_s": ("`--help` wall time, s", 0.6),
     "per_trial_s": ("per-trial overhead of a 10-trial grid, s", 0.5),
@@ -137,21 +139,44 @@ def _wall(command: list[str], cwd: Path, repeats: int) -> list[float]:
     return times
 
 
+JOB_PROBE = """
+import json, re, resource, subprocess, sys, time
+started = time.perf_counter()
+job = subprocess.Popen([sys.executable, '-m', 'runner', sys.argv[1]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+fit_end = last = fit = None
+for line in job.stdout:
+    now = time.perf_counter() - started
+    found = re.search(r'fit ended after .*, ([0-9.]+) s', line)
+    if found:
+        fit_end, fit = now, float(found.group(1))
+    if line.strip():
+        last = now
+assert job.wait() == 0 and fit is not None
+total = time.perf_counter() - started
+print(json.dumps({'wall': total, 'fit': fit, 'startup': fit_end - fit, 'end_of_run': last - fit_end, 'exit': total - last,
+                  'rss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
 def default_job(repeats: int) -> dict:
+    """The default job, timed from outside in phases: start-up (until the fit begins), the fit,
+    the end-of-run work (test, reports, export, MLflow, the summary: until the last line printed)
+    and exit (from the last line to the process's end); and, as the target's denominator,
+    ``import torch`` alone."""
     with tempfile.TemporaryDirectory() as tmp:
-        walls, accuracies, rss = [], [], []
+        runs, accuracies, torch_import = [], [], []
         for repeat in range(repeats):
-            probe = (
-                "import resource, subprocess, sys\n"
-                f"subprocess.run([sys.executable, '-m', 'runner', 'hydra.run.dir=run{repeat}'], check=True, capture_output=True)\n"
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-            )
             started = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", probe], cwd=tmp, check=True, capture_output=True, text=True)
-            walls.append(time.perf_counter() - started)
-            rss.append(int(out.stdout.split()[-1]) / 1024**2)  # KiB -> GiB
+            subprocess.run([sys.executable, "-c", "import torch"], check=True)
+            torch_import.append(time.perf_counter() - started)
+            out = subprocess.run([sys.executable, "-c", JOB_PROBE, f"hydra.run.dir=run{repeat}"], cwd=tmp, check=True, capture_output=True, text=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             accuracies.append(json.loads((Path(tmp) / f"run{repeat}" / "metrics.json").read_text())["test/acc"])
-    return {"wall_s": _spread(walls), "test_acc": _spread(accuracies), "peak_rss_gb": _spread(rss)}
+    figures = {name: _spread([run[name] for run in runs]) for name in ("wall", "fit", "startup", "end_of_run", "exit")}
+    ratio = [run["wall"] / (imported + run["fit"]) for run, imported in zip(runs, torch_import)]
+    return {"wall_s": figures.pop("wall"), **{f"{name}_s": figure for name, figure in figures.items()},
+            "import_torch_s": _spread(torch_import), "wall_over_import_and_fit": _spread(ratio),
+            "test_acc": _spread(accuracies), "peak_rss_gb": _spread([run["rss_kib"] / 1024**2 for run in runs])}
 
 
 def svc_baseline() -> dict:
@@ -440,6 +465,7 @@ def summary(results: dict) -> list[tuple[str, str, str, bool]]:
         "loop_mlp_b1": results["loop_mlp_b1"]["ratio"],
         "mlflow_every_step": results["mlflow_every_step"]["ratio"],
         "default_job_wall_s": results["default_job"]["wall_s"],
+        "default_job_overhead": results["default_job"]["wall_over_import_and_fit"],
         "cfg_job_s": results["startup"]["cfg_job_s"],
         "help_s": results["startup"]["help_s"],
         "per_trial_s": results["sweep"]["per_trial_s"],

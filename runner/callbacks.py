@@ -35,7 +35,7 @@ from runner.joblog import FILE_ONLY
 
 
 def check_metric_name(*args, **kwargs) -> str:
-    # runner.metrics imports torchmetrics (and torch): only when a monitor is built, so that
+    # runner.metrics imports torch: only when a monitor is built, so that
     # modules needing just the Callback base (tracking, compare) stay light
     from runner.metrics import check_metric_name as check
 

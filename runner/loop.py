@@ -254,7 +254,7 @@ class Loop:
             else:
                 collection.update(*observed(logits, y))
         model.train(was_training)
-        # torchmetrics gathers its states over ranks in compute(); the loss we sum ourselves
+        # the metrics sum their counts over ranks in compute(); the loss we sum ourselves
         metrics = {f"{split}/{name}": float(value) for name, value in collection.compute().items()}
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=self.device)]), self.dist)
         metrics[f"{split}/loss"] = float(totals[0]) / max(float(totals[1]), 1.0)

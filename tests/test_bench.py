@@ -31,3 +31,14 @@ def test_the_data_figures_measure_what_they_say(tmp_path):
     # PSS (shared pages counted once) no more than the RSS sum
     assert streamed["main_rss_gb"] < streamed["peak_rss_gb"]["median"] < 3
     assert 0 < streamed["peak_pss_gb"]["median"] <= streamed["peak_rss_gb"]["median"]
+
+
+@pytest.mark.slow
+def test_the_default_job_is_timed_in_phases_that_add_up(tmp_path):
+    job = bench.default_job(repeats=1)
+    phases = sum(job[f"{name}_s"]["median"] for name in ("startup", "fit", "end_of_run", "exit"))
+    assert phases == pytest.approx(job["wall_s"]["median"], rel=1e-6)
+    assert all(job[f"{name}_s"]["median"] >= 0 for name in ("startup", "fit", "end_of_run", "exit"))
+    ratio = job["wall_over_import_and_fit"]["median"]
+    assert ratio == pytest.approx(job["wall_s"]["median"] / (job["import_torch_s"]["median"] + job["fit_s"]["median"]))
+    assert job["test_acc"]["median"] > 0.9

@@ -76,15 +76,16 @@ def test_help_on_the_command_line_shows_a_user_config_dir(tmp_path):
     (tmp_path / "my_conf" / "model" / "wide_mlp.yaml").write_text("# A wide MLP costing $5 per ${x}.\n_target_: runner.models.MLP\n")
     result = run_cli(["--help", "--config-dir", "my_conf", "model=wide_mlp"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "  * wide_mlp  A wide MLP costing $5 per ${x}." in result.stdout  # verbatim: no $ or ${} processing
-    assert "    mlp       Multi-layer perceptron on flattened inputs." in result.stdout
+    # verbatim: no $ or ${} processing; the column is as wide as the longest option name
+    assert re.search(r"^  \* wide_mlp +A wide MLP costing \$5 per \$\{x\}\.$", result.stdout, re.MULTILINE)
+    assert re.search(r"^    mlp +Multi-layer perceptron on flattened inputs\.$", result.stdout, re.MULTILINE)
     assert "== Config ==" in result.stdout and "_target_: runner.models.MLP" in result.stdout
     assert not (tmp_path / "outputs").exists()
 
 
 # --------------------------------------------------------------------------- completion
 @pytest.mark.slow
-@pytest.mark.parametrize("group,options", [("model", "cnn hf_image mlp pinn resnet vit"), ("data", "audio_folder dataset digits hf image_folder ode shards synthetic synthetic_audio table tensors")])
+@pytest.mark.parametrize("group,options", [("model", "cnn hf_image mlp pinn resnet timm torchvision vit"), ("data", "audio_folder dataset digits hf image_folder ode shards synthetic synthetic_audio table tensors")])
 def test_shell_completion_lists_a_groups_options(tmp_path, group, options):
     # what Hydra's bash function runs for `runner model=<TAB>`: the app with -sc query=bash
     line = f"runner {group}="
